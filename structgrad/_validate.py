@@ -1,0 +1,137 @@
+"""Argument checks shared by the core and the solvers (private).
+
+Each check raises a structgrad error whose message names the argument, what was
+expected and what came.  None of them mutates or copies its input.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .errors import DeviceError, DomainError, DTypeError, ShapeError
+
+__all__ = [
+    "fmt_shape",
+    "leaves",
+    "rebuild",
+    "check_float_tensor",
+    "check_same_device",
+    "check_shape",
+    "check_index_tensor",
+    "check_lengths",
+    "check_generator",
+]
+
+
+def fmt_shape(shape: Sequence[int]) -> str:
+    """``(2, 3)`` style text for a shape (``()`` for a scalar)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 1:
+        return f"({shape[0]},)"
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def leaves(theta: Any) -> tuple[torch.Tensor, ...]:
+    """The tensors of a potential: ``theta`` itself, or the items of a tuple/list."""
+    if isinstance(theta, (tuple, list)):
+        return tuple(theta)
+    return (theta,)
+
+
+def rebuild(like: Any, parts: Iterable[Any]) -> Any:
+    """Give ``parts`` the structure of ``like`` (a tensor or a tuple of tensors)."""
+    parts = tuple(parts)
+    if isinstance(like, (tuple, list)):
+        return tuple(parts)
+    if len(parts) != 1:
+        raise ShapeError(f"expected a single tensor, got {len(parts)} parts")
+    return parts[0]
+
+
+def check_float_tensor(x: Any, name: str) -> torch.Tensor:
+    """``x`` must be a floating-point tensor (float16/bfloat16/float32/float64)."""
+    if not isinstance(x, torch.Tensor):
+        raise DTypeError(f"{name}: expected a floating-point torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise DTypeError(
+            f"{name}: expected a floating-point tensor (scores), got dtype {x.dtype}; "
+            f"convert with {name}.float() or .double()"
+        )
+    return x
+
+
+def check_same_device(named: dict[str, torch.Tensor]) -> torch.device:
+    """All tensors in ``named`` must be on one device; returns it."""
+    items = [(k, v) for k, v in named.items() if isinstance(v, torch.Tensor)]
+    if not items:
+        return torch.device("cpu")
+    first_name, first = items[0]
+    for k, v in items[1:]:
+        if v.device != first.device:
+            raise DeviceError(
+                f"{k} is on device {v.device} but {first_name} is on {first.device}; "
+                f"expected both on the same device"
+            )
+    return first.device
+
+
+def check_shape(x: torch.Tensor, expected: Sequence[int], name: str, what: str = "") -> None:
+    """``x.shape`` must equal ``expected`` exactly (no broadcasting)."""
+    if tuple(x.shape) != tuple(expected):
+        extra = f" {what}" if what else ""
+        raise ShapeError(f"{name}: expected shape {fmt_shape(expected)}{extra}, got {fmt_shape(x.shape)}")
+
+
+def check_index_tensor(x: Any, name: str) -> torch.Tensor:
+    """``x`` must be an integer (not bool) tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise DTypeError(f"{name}: expected an integer torch.Tensor, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise DTypeError(f"{name}: expected an integer tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_lengths(
+    lengths: Any, batch_shape: Sequence[int], max_length: int, device: torch.device, name: str = "lengths"
+) -> torch.Tensor | None:
+    """Validate per-instance lengths: integer tensor of shape ``batch_shape`` with
+    values in ``[0, max_length]`` on ``device``.  ``None`` passes through."""
+    if lengths is None:
+        return None
+    lengths = check_index_tensor(lengths, name)
+    check_shape(lengths, batch_shape, name, "(the batch shape of theta)")
+    if lengths.device != device:
+        raise DeviceError(f"{name} is on device {lengths.device} but theta is on {device}")
+    if lengths.numel():
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 0 or hi > max_length:
+            raise DomainError(
+                f"{name}: expected values in [0, {max_length}] (the sequence dimension of theta), "
+                f"got min {lo} and max {hi}"
+            )
+    return lengths
+
+
+def check_generator(generator: Any, device: torch.device, name: str = "generator") -> None:
+    """``generator`` is ``None`` or a ``torch.Generator`` on ``device``'s type."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise DTypeError(f"{name}: expected a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise DeviceError(
+            f"{name} is a {generator.device.type} generator but theta is on {device}; "
+            f"create it with torch.Generator(device=theta.device)"
+        )
+
+
+def check_positive_int(x: Any, name: str, minimum: int = 1) -> int:
+    """``x`` is a Python/NumPy integer ≥ ``minimum``."""
+    if isinstance(x, bool) or not hasattr(x, "__index__"):
+        raise DTypeError(f"{name}: expected an integer, got {type(x).__name__}")
+    x = int(x)
+    if x < minimum:
+        raise DomainError(f"{name}: expected an integer >= {minimum}, got {x}")
+    return x

@@ -1,0 +1,332 @@
+"""The common solver interface.
+
+A *solver* computes, for the exponential family p(z; θ) ∝ exp⟨z, θ⟩ over a
+discrete structured set 𝒵, some of
+
+=================  ============================================  ===================
+operation          math                                          returns
+=================  ============================================  ===================
+``map``            argmax_z ⟨z, θ⟩                               structure of θ
+``marginals``      μ(θ) = E_p[z] = ∇A(θ)                         structure of θ
+``log_partition``  A(θ) = log Σ_z exp⟨z, θ⟩                      ``(*batch,)``
+``sample``         z ~ p(·; θ)                                   ``(S, *θ leaves)``
+=================  ============================================  ===================
+
+θ is a tensor or a tuple of tensors (*leaves*), batch dimensions first:
+``(*batch, *event)``.  Outputs of ``map``, ``marginals`` and ``sample`` have, leaf by
+leaf, shape ``(*batch, *event)``: the θ leaf's own shape when the leaf carries the
+batch dimensions.  A leaf given without batch dimensions (a chain's shared transition
+matrix ``(C, C)``) is shared by every instance; its output leaf gets the batch
+dimensions added, and ∇ A(θ).sum() = μ summed over the batch.
+
+Each solver declares :class:`Capabilities`; asking for an operation it lacks raises
+:class:`~structgrad.errors.CapabilityError` naming the solvers that have it.
+
+Writing a solver: subclass :class:`Solver`, set ``capabilities`` and ``event_ndim``,
+and implement the hooks ``_map``, ``_marginals``, ``_log_partition``, ``_sample``
+(and optionally ``_log_partition_and_marginals`` when one pass gives both).  The
+public methods check capabilities, dtypes, devices and batch shapes, then call the
+hook.  ``_log_partition`` must be differentiable with gradient ``marginals``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from . import _validate as V
+from .errors import CapabilityError, DeviceError, DomainError, DTypeError, ShapeError, SolverOutputError
+
+__all__ = ["OPERATIONS", "Capabilities", "Solver", "MapSolver"]
+
+OPERATIONS = ("map", "marginals", "log_partition", "sample")
+_QUALITIES = (None, "exact", "approximate")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a solver can do.
+
+    Each operation is ``"exact"``, ``"approximate"`` or ``None`` (not available).
+    ``devices`` lists the torch device types the solver accepts θ on; ``batched``
+    says whether a call handles leading batch dimensions in one go (solvers that
+    are not batched still accept batches, looping internally).
+    """
+
+    map: str | None = None
+    marginals: str | None = None
+    log_partition: str | None = None
+    sample: str | None = None
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    batched: bool = True
+
+    def __post_init__(self) -> None:
+        for op in OPERATIONS:
+            q = getattr(self, op)
+            if q not in _QUALITIES:
+                raise DomainError(f"Capabilities.{op}: expected one of {_QUALITIES}, got {q!r}")
+
+    def supports(self, op: str) -> bool:
+        """True if operation ``op`` is available."""
+        if op not in OPERATIONS:
+            raise DomainError(f"op: expected one of {OPERATIONS}, got {op!r}")
+        return getattr(self, op) is not None
+
+    def is_exact(self, op: str) -> bool:
+        """True if operation ``op`` is available and exact."""
+        return self.supports(op) and getattr(self, op) == "exact"
+
+    @property
+    def operations(self) -> tuple[str, ...]:
+        """The available operations, in the order of :data:`OPERATIONS`."""
+        return tuple(op for op in OPERATIONS if getattr(self, op) is not None)
+
+    def __str__(self) -> str:
+        ops = ", ".join(f"{op} ({getattr(self, op)})" for op in self.operations) or "nothing"
+        return f"{ops}; devices {'/'.join(self.devices)}{'; batched' if self.batched else ''}"
+
+
+class Solver:
+    """Base class of every solver.  See the module docstring for the contract.
+
+    Class attributes:
+        capabilities: the declared :class:`Capabilities`.
+        event_ndim: number of trailing (event) dimensions of each θ leaf (an int for
+            all leaves, a tuple per leaf, or ``None`` when unknown: batch shapes are
+            then not checked).  Subclasses whose event dims depend on θ override
+            :meth:`event_ndims`.
+    Instance attribute:
+        name: the name it was obtained under from the registry (or ``None``).
+    """
+
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    event_ndim: ClassVar[int | tuple[int, ...] | None] = 1
+    name: str | None = None
+
+    # ------------------------------------------------------------------ public API
+    def map(self, theta: Any, **kwargs: Any) -> Any:
+        """MAP structure argmax_z ⟨z, θ⟩; same structure as θ (see module doc)."""
+        self._require("map")
+        theta = self._check_theta(theta)
+        return self._map(theta, **kwargs)
+
+    def marginals(self, theta: Any, **kwargs: Any) -> Any:
+        """Marginals μ(θ) = E_{z~p(·;θ)}[z] = ∇A(θ); same structure as θ."""
+        self._require("marginals")
+        theta = self._check_theta(theta)
+        return self._marginals(theta, **kwargs)
+
+    def log_partition(self, theta: Any, **kwargs: Any) -> torch.Tensor:
+        """A(θ) = log Σ_z exp⟨z, θ⟩, shape ``(*batch,)``, differentiable (∇ = marginals)."""
+        self._require("log_partition")
+        theta = self._check_theta(theta)
+        return self._log_partition(theta, **kwargs)
+
+    def log_partition_and_marginals(self, theta: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """``(log_partition(θ), marginals(θ))``, in one pass where the solver can.
+
+        The values are detached from autograd (this is the building block of
+        custom backward passes such as :func:`structgrad.nll`).
+        """
+        self._require("log_partition")
+        self._require("marginals")
+        theta = self._check_theta(theta)
+        with torch.no_grad():
+            return self._log_partition_and_marginals(theta, **kwargs)
+
+    def sample(
+        self, theta: Any, num_samples: int = 1, generator: torch.Generator | None = None, **kwargs: Any
+    ) -> Any:
+        """``num_samples`` exact (or declared approximate) draws z ~ p(·; θ).
+
+        Returns the structure of θ with a leading sample dimension ``(S, *batch, *event)``.
+        Randomness comes only from ``generator`` (a ``torch.Generator`` on θ's device).
+        """
+        self._require("sample")
+        theta = self._check_theta(theta)
+        num_samples = V.check_positive_int(num_samples, "num_samples")
+        V.check_generator(generator, V.leaves(theta)[0].device)
+        return self._sample(theta, num_samples, generator, **kwargs)
+
+    def batch_shape(self, theta: Any) -> torch.Size:
+        """The batch shape ``(*batch,)`` of θ; checks the leaves agree on it."""
+        theta = self._check_theta(theta)
+        return self._batch_shape(theta)
+
+    def event_ndims(self, theta: Any) -> tuple[int, ...] | None:
+        """Trailing event dims of each θ leaf (``None``: unknown)."""
+        n = len(V.leaves(theta))
+        if self.event_ndim is None:
+            return None
+        if isinstance(self.event_ndim, int):
+            return (self.event_ndim,) * n
+        if len(self.event_ndim) != n:
+            raise ShapeError(
+                f"theta: expected {len(self.event_ndim)} tensors for solver {self._label()}, got {n}"
+            )
+        return tuple(self.event_ndim)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+    # ------------------------------------------------------------------ hooks
+    def _map(self, theta: Any, **kwargs: Any) -> Any:  # pragma: no cover - guarded by _require
+        raise CapabilityError(self._missing("map"))
+
+    def _marginals(self, theta: Any, **kwargs: Any) -> Any:  # pragma: no cover
+        raise CapabilityError(self._missing("marginals"))
+
+    def _log_partition(self, theta: Any, **kwargs: Any) -> torch.Tensor:  # pragma: no cover
+        raise CapabilityError(self._missing("log_partition"))
+
+    def _sample(self, theta: Any, num_samples: int, generator: torch.Generator | None, **kwargs: Any) -> Any:
+        raise CapabilityError(self._missing("sample"))  # pragma: no cover
+
+    def _log_partition_and_marginals(self, theta: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        detached = V.rebuild(theta, (t.detach() for t in V.leaves(theta)))
+        return self._log_partition(detached, **kwargs).detach(), self._marginals(detached, **kwargs)
+
+    # ------------------------------------------------------------------ helpers
+    def _label(self) -> str:
+        return repr(self.name) if self.name else type(self).__name__
+
+    def _missing(self, op: str) -> str:
+        from .registry import solvers_supporting  # lazy: registry imports this module
+
+        others = [n for n in solvers_supporting(op) if n != self.name]
+        have = ", ".join(others) if others else "none registered"
+        return (
+            f"solver {self._label()} cannot compute {op!r} (it declares: "
+            f"{', '.join(self.capabilities.operations) or 'nothing'}); solvers that can: {have}"
+        )
+
+    def _require(self, op: str) -> None:
+        if not self.capabilities.supports(op):
+            raise CapabilityError(self._missing(op))
+
+    def _check_theta(self, theta: Any) -> Any:
+        """Structure, dtype, device and batch-shape checks shared by every operation."""
+        if isinstance(theta, list):
+            theta = tuple(theta)
+        parts = V.leaves(theta)
+        if len(parts) == 0:
+            raise ShapeError("theta: expected a tensor or a non-empty tuple of tensors, got an empty tuple")
+        multi = isinstance(theta, tuple)
+        names = [f"theta[{i}]" if multi else "theta" for i in range(len(parts))]
+        for p, nm in zip(parts, names):
+            V.check_float_tensor(p, nm)
+        device = V.check_same_device(dict(zip(names, parts)))
+        if device.type not in self.capabilities.devices:
+            raise DeviceError(
+                f"theta is on device {device} but solver {self._label()} runs on "
+                f"{', '.join(self.capabilities.devices)}"
+            )
+        if len({p.dtype for p in parts}) > 1:
+            raise DTypeError(
+                "theta: expected all tensors to share one dtype, got "
+                + ", ".join(f"{nm} {p.dtype}" for nm, p in zip(names, parts))
+            )
+        self._batch_shape(theta)
+        return theta
+
+    def _batch_shape(self, theta: Any) -> torch.Size:
+        parts = V.leaves(theta)
+        nd = self.event_ndims(theta)
+        if nd is None:
+            return parts[0].shape[:-1] if parts[0].dim() else torch.Size()
+        multi = isinstance(theta, tuple)
+        batch: torch.Size | None = None
+        first = None
+        for i, (p, k) in enumerate(zip(parts, nd)):
+            nm = f"theta[{i}]" if multi else "theta"
+            if p.dim() < k:
+                raise ShapeError(
+                    f"{nm}: expected at least {k} dimensions (*batch, {k} event dims) for solver "
+                    f"{self._label()}, got shape {V.fmt_shape(p.shape)}"
+                )
+            if p.dim() == k and i > 0:
+                continue  # a shared leaf without batch dims
+            b = p.shape[: p.dim() - k]
+            if batch is None:
+                batch, first = b, nm
+            elif b != batch:
+                raise ShapeError(
+                    f"{nm} has batch shape {V.fmt_shape(b)} but {first} has {V.fmt_shape(batch)}; "
+                    f"expected equal batch shapes (a leaf may omit the batch dims to be shared; "
+                    f"nothing is broadcast)"
+                )
+        return batch if batch is not None else torch.Size()
+
+
+class MapSolver(Solver):
+    """A MAP-only solver wrapping a plain callable ``fn(theta, **kwargs) -> z``.
+
+    The output is checked: the same structure and shapes as θ, values in {0, 1}
+    (NaN is not binary).  A NumPy array, or a tensor of another dtype or on another
+    device, is converted to θ's dtype and moved back to θ's device; the result is
+    detached.  Violations raise :class:`~structgrad.errors.SolverOutputError`.
+
+    Args:
+        fn: callable θ -> z; called with θ exactly as given (tensor or tuple).
+        name: label used in error messages.
+        exact: whether ``fn`` solves the MAP problem exactly (declared capability).
+        binary: check that values are in {0, 1} (turn off for count-valued parts).
+    """
+
+    event_ndim = None
+
+    def __init__(self, fn: Callable[..., Any], name: str | None = None, *, exact: bool = True, binary: bool = True):
+        if not callable(fn):
+            raise DTypeError(f"fn: expected a callable theta -> z, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", None) or type(fn).__name__
+        self.binary = binary
+        self.capabilities = Capabilities(map="exact" if exact else "approximate")
+
+    def _map(self, theta: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            z = self.fn(theta, **kwargs)
+        return check_map_output(z, theta, self.name, binary=self.binary)
+
+
+def check_map_output(z: Any, theta: Any, name: str | None, *, binary: bool = True) -> Any:
+    """Check (and convert) a MAP solver's output against θ; see :class:`MapSolver`."""
+    label = repr(name) if name else "custom solver"
+    t_parts = V.leaves(theta)
+    multi = isinstance(theta, tuple)
+    if multi != isinstance(z, (tuple, list)):
+        raise SolverOutputError(
+            f"solver {label} returned a {type(z).__name__} for theta given as a "
+            f"{'tuple of ' + str(len(t_parts)) + ' tensors' if multi else 'tensor'}; expected the same structure"
+        )
+    z_parts = V.leaves(z)
+    if len(z_parts) != len(t_parts):
+        raise SolverOutputError(f"solver {label} returned {len(z_parts)} parts, expected {len(t_parts)} like theta")
+    out = []
+    for i, (zp, tp) in enumerate(zip(z_parts, t_parts)):
+        nm = f"[{i}]" if multi else ""
+        if isinstance(zp, np.ndarray) or np.isscalar(zp):
+            zp = torch.as_tensor(np.asarray(zp))
+        if not isinstance(zp, torch.Tensor):
+            raise SolverOutputError(
+                f"solver {label} returned {type(zp).__name__} as z{nm}; expected a tensor or array of shape "
+                f"{V.fmt_shape(tp.shape)}"
+            )
+        if tuple(zp.shape) != tuple(tp.shape):
+            raise SolverOutputError(
+                f"solver {label} returned z{nm} of shape {V.fmt_shape(zp.shape)}; expected the shape of "
+                f"theta{nm}, {V.fmt_shape(tp.shape)}"
+            )
+        zp = zp.detach().to(device=tp.device, dtype=tp.dtype)
+        if binary:
+            ok = (zp == 0) | (zp == 1)
+            if not bool(ok.all()):
+                bad = zp[~ok].flatten()[:3].tolist()
+                raise SolverOutputError(
+                    f"solver {label} returned non-binary values in z{nm} (e.g. {bad}); expected values in {{0, 1}}"
+                )
+        out.append(zp)
+    return V.rebuild(theta, out)
