@@ -1,0 +1,193 @@
+"""Linear-chain CRF: structgrad's ``chain`` solver against torch-struct 0.5 and pytorch-crf 0.7.2.
+
+Run:  python benchmarks/chain.py            (full)
+      python benchmarks/chain.py --quick    (smoke run)
+
+Peers (install without dependencies so torch is not replaced):
+    pip install --no-deps torch-struct==0.5 pytorch-crf==0.7.2
+
+What is timed, per shape (B, T, C), torch at 1 thread, all contenders in one
+process, interleaved (one call of each per round, order rotated), medians over
+rounds:
+
+* ``logZ+marg``: log Z and all marginals with per-position edge scores
+  (B, T−1, C, C). structgrad: ``log_partition(θ).sum().backward()`` (the gradient
+  *is* the marginals) and the one-pass ``log_partition_and_marginals``;
+  torch-struct: ``LinearChainCRF(φ).partition`` + ``.marginals`` (its marginals
+  are autograd of the partition) on the equivalent potentials
+  φ[t, j, i] = edge[t, i, j] + node[t+1, j] (+ node[0, i] at t = 0).
+* ``viterbi``: structgrad ``map`` vs torch-struct ``.argmax`` vs pytorch-crf ``decode``.
+* ``nll f+b (shared)``: the negative log-likelihood of gold tags and its backward
+  with one shared (C, C) transition matrix, where the inputs coincide with
+  pytorch-crf's (emissions = node, transitions = edge, start/end transitions 0):
+  structgrad ``nll(θ, gold, "chain").sum().backward()`` vs
+  ``(-crf(emissions, tags, reduction="sum")).backward()``.
+
+Before timing, each pair of contenders is checked to compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+import structgrad as sg
+
+
+def _peers():
+    try:
+        import torch_struct  # noqa: F401
+        from torchcrf import CRF  # noqa: F401
+    except ImportError as e:  # pragma: no cover - a clear message for a missing peer
+        sys.exit(f"missing peer ({e}); install: pip install --no-deps torch-struct==0.5 pytorch-crf==0.7.2")
+    import torch_struct
+    from torchcrf import CRF
+
+    return torch_struct, CRF
+
+
+def interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
+    """Median seconds per call of each function, calls interleaved round by round."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def torch_struct_potentials(node: torch.Tensor, edge: torch.Tensor) -> torch.Tensor:
+    """φ (B, T−1, C, C) with φ[t, j, i] scoring label i at t and j at t+1 (torch-struct's order)."""
+    phi = edge + node[:, 1:, None, :]
+    phi[:, 0] += node[:, 0, :, None]
+    return phi.transpose(-1, -2).contiguous()
+
+
+def run(shapes, rounds: int) -> list[dict]:
+    torch_struct, CRF = _peers()
+    chain = sg.get_solver("chain")
+    rows = []
+    for B, T, C in shapes:
+        g = torch.Generator().manual_seed(0)
+        node = torch.randn(B, T, C, generator=g)
+        edge = torch.randn(B, T - 1, C, C, generator=g)
+        shared = torch.randn(C, C, generator=g)
+        tags = torch.randint(C, (B, T), generator=g)
+        phi = torch_struct_potentials(node, edge)
+
+        # --- same numbers first
+        lz = chain.log_partition((node, edge))
+        lz_ts = torch_struct.LinearChainCRF(phi).partition
+        crf = CRF(C, batch_first=True)
+        with torch.no_grad():
+            crf.transitions.copy_(shared)
+            crf.start_transitions.zero_()
+            crf.end_transitions.zero_()
+        gold = sg.chain_indicators(tags, C, shared_edge=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pytorch-crf 0.7.2 uses a uint8 mask in torch.where
+            nll_crf = -crf(node, tags, reduction="none")
+            path_crf = crf.decode(node)
+        nll_sg = sg.nll((node, shared), gold, chain)
+        map_sg = sg.chain_labels(chain.map((node, shared))[0])
+        ok = {
+            "logZ vs torch-struct": float((lz - lz_ts).detach().abs().max()),
+            "nll vs pytorch-crf": float((nll_sg - nll_crf).detach().abs().max()),
+            "viterbi vs pytorch-crf (label mismatches)": float((map_sg != torch.tensor(path_crf)).sum()),
+        }
+
+        # --- timings
+        def sg_autograd():
+            n, e = node.clone().requires_grad_(), edge.clone().requires_grad_()
+            chain.log_partition((n, e)).sum().backward()
+
+        def sg_onepass():
+            chain.log_partition_and_marginals((node, edge))
+
+        def ts_marg():
+            p = phi.clone().requires_grad_()
+            dist = torch_struct.LinearChainCRF(p)
+            dist.partition
+            dist.marginals
+
+        t_marg = interleaved({"structgrad": sg_autograd, "structgrad 1-pass": sg_onepass, "torch-struct": ts_marg}, rounds)
+
+        t_vit = interleaved(
+            {
+                "structgrad": lambda: chain.map((node, edge)),
+                "torch-struct": lambda: torch_struct.LinearChainCRF(phi).argmax,
+                "pytorch-crf": lambda: _quiet(crf.decode, node),
+            },
+            rounds,
+        )
+
+        def sg_nll():
+            n, e = node.clone().requires_grad_(), shared.clone().requires_grad_()
+            sg.nll((n, e), gold, chain).sum().backward()
+
+        def crf_nll():
+            crf.zero_grad()
+            n = node.clone().requires_grad_()
+            _quiet(lambda: (-crf(n, tags, reduction="sum")).backward())
+
+        t_nll = interleaved({"structgrad": sg_nll, "pytorch-crf": crf_nll}, rounds)
+        rows.append({"shape": (B, T, C), "check": ok, "marg": t_marg, "vit": t_vit, "nll": t_nll})
+    return rows
+
+
+def _quiet(f, *a):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return f(*a)
+
+
+def report(rows) -> None:
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; medians in ms; ratio = peer / structgrad")
+    for r in rows:
+        B, T, C = r["shape"]
+        print(f"\n(B, T, C) = ({B}, {T}, {C})   checks: " + ", ".join(f"{k} {v:.2g}" for k, v in r["check"].items()))
+        m = r["marg"]
+        print(
+            f"  logZ+marg        structgrad {1e3 * m['structgrad']:8.2f}  (1-pass {1e3 * m['structgrad 1-pass']:.2f})"
+            f"  torch-struct {1e3 * m['torch-struct']:9.2f}   ratio {m['torch-struct'] / m['structgrad']:6.1f}x"
+        )
+        v = r["vit"]
+        print(
+            f"  viterbi          structgrad {1e3 * v['structgrad']:8.2f}"
+            f"  torch-struct {1e3 * v['torch-struct']:9.2f}   ratio {v['torch-struct'] / v['structgrad']:6.1f}x"
+            f"   pytorch-crf {1e3 * v['pytorch-crf']:8.2f}  ratio {v['pytorch-crf'] / v['structgrad']:5.1f}x"
+        )
+        n = r["nll"]
+        print(
+            f"  nll f+b (shared) structgrad {1e3 * n['structgrad']:8.2f}"
+            f"  pytorch-crf  {1e3 * n['pytorch-crf']:9.2f}   ratio {n['pytorch-crf'] / n['structgrad']:6.1f}x"
+        )
+
+
+def main(argv=None) -> None:
+    warnings.filterwarnings("ignore", module="torch_struct")  # its distributions lack arg_constraints
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (smoke run)")
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.quick:
+        shapes, rounds = [(4, 16, 5)], 2
+    else:
+        shapes, rounds = [(32, 128, 16), (32, 128, 64), (1, 512, 32)], args.rounds
+    report(run(shapes, rounds))
+
+
+if __name__ == "__main__":
+    main()
