@@ -37,7 +37,9 @@ ENTRY_POINT_GROUP = "structgrad.solvers"
 BUILTIN_SOLVERS: dict[str, str] = {
     "bernoulli": "structgrad.solvers.bernoulli:BernoulliSolver",
     "categorical": "structgrad.solvers.categorical:CategoricalSolver",
-    # "chain": "structgrad.solvers.chain:ChainSolver",
+    "ksubset": "structgrad.solvers.ksubset:KSubsetSolver",
+    "ilp": "structgrad.solvers.ilp:ILPSolver",
+    "chain": "structgrad.solvers.chain:ChainSolver",
 }
 
 _registered: dict[str, Callable[..., Solver]] = {}

@@ -1,0 +1,469 @@
+"""Tests of the ``ilp`` solver (OR-Tools CP-SAT and linear sum assignment)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import structgrad as sg
+from structgrad.errors import (
+    DomainError,
+    DTypeError,
+    InfeasibleError,
+    ShapeError,
+    SolverTimeoutError,
+)
+from structgrad.testing import Case, binary_structures, check_solver
+
+NEG, POS = float("-inf"), float("inf")
+
+
+# ----------------------------------------------------------------------------- helpers
+def feasible_set(n, A=None, b=None, A_eq=None, b_eq=None):
+    """All binary z of length n with A z <= b and A_eq z = b_eq (float64 rows)."""
+    out = []
+    for z in binary_structures(n):
+        zi = z.long().numpy()
+        if A is not None and not (np.asarray(A) @ zi <= np.asarray(b)).all():
+            continue
+        if A_eq is not None and not (np.asarray(A_eq) @ zi == np.asarray(b_eq)).all():
+            continue
+        out.append(z)
+    return out
+
+
+def brute_value(theta, structs):
+    """max over structs of <z, theta> honouring -inf (forbidden) and +inf (forced); None if none."""
+    th = np.asarray(theta, dtype=np.float64)
+    best = None
+    for z in structs:
+        z = z.numpy()
+        if ((z == 1) & np.isneginf(th)).any() or ((z == 0) & np.isposinf(th)).any():
+            continue
+        v = float(np.where(np.isfinite(th), th, 0.0) @ z)
+        best = v if best is None else max(best, v)
+    return best
+
+
+def assignment_rows(r, c):
+    """0/1 rows of an r x c assignment: r row constraints then c column constraints (z[i*c + j])."""
+    rows = np.zeros((r, r * c), dtype=np.int64)
+    cols = np.zeros((c, r * c), dtype=np.int64)
+    for i in range(r):
+        for j in range(c):
+            rows[i, i * c + j] = 1
+            cols[j, i * c + j] = 1
+    return rows, cols
+
+
+def is_feasible(z, A, b, A_eq, b_eq):
+    z = np.asarray(z, dtype=np.int64)
+    ok = set(np.unique(z)) <= {0, 1}
+    if A is not None:
+        ok &= bool((np.asarray(A) @ z <= np.asarray(b)).all())
+    if A_eq is not None:
+        ok &= bool((np.asarray(A_eq) @ z == np.asarray(b_eq)).all())
+    return ok
+
+
+KNAP_A = np.array([[3, 5, 2, 7, 4, 1, 6, 3], [2, 1, 4, 3, 5, 6, 2, 1]])
+KNAP_B = np.array([11, 9])
+ROWS3, COLS3 = assignment_rows(3, 3)
+ROWS23, COLS23 = assignment_rows(2, 3)
+
+
+def _theta(shape, seed, scale=1.0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+
+
+# ----------------------------------------------------------------------------- conformance vs enumeration
+CONFORMANCE = [
+    # name, constructor options, enumerated feasible set, theta, expected method
+    ("knapsack", dict(A=KNAP_A, b=KNAP_B), feasible_set(8, KNAP_A, KNAP_B), _theta((3, 8), 0), "cp-sat"),
+    (
+        "knapsack_neg_inf",
+        dict(A=KNAP_A, b=KNAP_B),
+        feasible_set(8, KNAP_A, KNAP_B),
+        torch.where(torch.arange(8) % 3 == 0, torch.tensor(NEG, dtype=torch.float64), _theta((2, 8), 1)),
+        "cp-sat",
+    ),
+    (
+        "assignment_3x3",
+        dict(A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6)),
+        feasible_set(9, A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6)),
+        _theta((2, 2, 9), 2),
+        "assignment",
+    ),
+    (
+        "assignment_3x3_cpsat",
+        dict(A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6), method="cp-sat"),
+        feasible_set(9, A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6)),
+        _theta((2, 9), 3),
+        "cp-sat",
+    ),
+    (
+        "assignment_2x3_rows_eq_cols_le",
+        dict(A=COLS23, b=np.ones(3), A_eq=ROWS23, b_eq=np.ones(2)),
+        feasible_set(6, COLS23, np.ones(3), ROWS23, np.ones(2)),
+        _theta((3, 6), 4),
+        "assignment",
+    ),
+    (
+        "matching_3x3_le",
+        dict(A=np.concatenate([ROWS3, COLS3]), b=np.ones(6)),
+        feasible_set(9, np.concatenate([ROWS3, COLS3]), np.ones(6)),
+        _theta((3, 9), 5),
+        "assignment",
+    ),
+    (
+        "cardinality_eq",
+        dict(A=np.zeros((0, 7)), b=np.zeros(0), A_eq=np.ones((1, 7)), b_eq=[3]),
+        feasible_set(7, A_eq=np.ones((1, 7)), b_eq=[3]),
+        _theta((4, 7), 6),
+        "cp-sat",
+    ),
+    (
+        "cardinality_le_and_ge",
+        dict(A=np.array([[1] * 7, [-1] * 7]), b=[4, -2]),
+        feasible_set(7, np.array([[1] * 7, [-1] * 7]), [4, -2]),
+        _theta((3, 7), 7),
+        "cp-sat",
+    ),
+]
+
+
+@pytest.mark.parametrize("name,opts,structs,theta,method", CONFORMANCE, ids=[c[0] for c in CONFORMANCE])
+def test_conformance_against_enumeration(name, opts, structs, theta, method):
+    solver = sg.get_solver("ilp", **opts)
+    assert solver.method == method
+    ran = check_solver(solver, [Case(theta, enumerate=lambda th, S=structs: S, name=name)])
+    assert ran["map_feasible_optimal"] >= 1
+    assert ran["capability_error"] == 3  # marginals, log_partition, sample are refused
+
+
+def test_capabilities_and_listing():
+    caps = sg.list_solvers()["ilp"]
+    assert caps.map == "exact" and caps.marginals is None and caps.sample is None
+    s = sg.get_solver("ilp", A=KNAP_A, b=KNAP_B)
+    with pytest.raises(sg.CapabilityError, match="solvers that can"):
+        s.marginals(_theta(8, 0))
+    assert sg.get_solver("ilp", A=KNAP_A, b=KNAP_B, time_limit=5.0).capabilities.map == "approximate"
+
+
+# ----------------------------------------------------------------------------- random instances
+@st.composite
+def _instances(draw):
+    n = draw(st.integers(1, 7))
+    m = draw(st.integers(0, 3))
+    p = draw(st.integers(0, 1))
+    A = np.array(draw(st.lists(st.lists(st.integers(-3, 5), min_size=n, max_size=n), min_size=m, max_size=m)), dtype=np.int64).reshape(m, n)
+    b = np.array(draw(st.lists(st.integers(-2, 9), min_size=m, max_size=m)), dtype=np.int64)
+    A_eq = np.array(draw(st.lists(st.lists(st.integers(0, 2), min_size=n, max_size=n), min_size=p, max_size=p)), dtype=np.int64).reshape(p, n)
+    b_eq = np.array(draw(st.lists(st.integers(0, 4), min_size=p, max_size=p)), dtype=np.int64)
+    vals = st.one_of(st.floats(-10, 10, allow_nan=False, width=32), st.sampled_from([NEG, POS, 0.0]))
+    theta = draw(st.lists(st.lists(vals, min_size=n, max_size=n), min_size=1, max_size=3))
+    return A, b, A_eq, b_eq, np.array(theta, dtype=np.float64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_instances())
+def test_random_instances_match_brute_force(inst):
+    A, b, A_eq, b_eq, theta = inst
+    n = theta.shape[1]
+    solver = sg.get_solver("ilp", A=A, b=b, A_eq=A_eq, b_eq=b_eq, num_threads=1)
+    structs = feasible_set(n, A, b, A_eq, b_eq)
+    best = [brute_value(t, structs) for t in theta]
+    th = torch.tensor(theta)
+    if any(v is None for v in best):
+        with pytest.raises(InfeasibleError, match=r"no z in \{0,1\}\^\d+ satisfies the constraints"):
+            solver.map(th)
+        return
+    res = solver.solve(th)
+    finite = np.where(np.isfinite(theta), theta, 0)
+    tol = n * np.abs(finite).max(1) * 2.0**-30 + 1e-12
+    for i in range(len(theta)):
+        z = res.z[i].numpy()
+        assert is_feasible(z, A, b, A_eq, b_eq)
+        assert not ((z == 1) & np.isneginf(theta[i])).any() and not ((z == 0) & np.isposinf(theta[i])).any()
+        value = float(finite[i] @ z)  # the finite part; +inf entries are forced in every candidate
+        assert best[i] - tol[i] <= value <= best[i] + 1e-9
+        assert float(res.value[i]) == (value if not np.isposinf(theta[i]).any() else float("inf"))
+    assert bool(res.optimal.all())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    r=st.integers(1, 3),
+    c=st.integers(1, 3),
+    row_eq=st.booleans(),
+    col_eq=st.booleans(),
+    seed=st.integers(0, 10_000),
+    forbid=st.floats(0.0, 0.6),
+)
+def test_assignment_routing_matches_cpsat_and_brute_force(r, c, row_eq, col_eq, seed, forbid):
+    rows, cols = assignment_rows(r, c)
+    ineq = [x for x, eq in ((rows, row_eq), (cols, col_eq)) if not eq]
+    eqs = [x for x, eq in ((rows, row_eq), (cols, col_eq)) if eq]
+    opts = {}
+    if ineq:
+        A = np.concatenate(ineq)
+        opts.update(A=A, b=np.ones(len(A)))
+    if eqs:
+        A_eq = np.concatenate(eqs)
+        opts.update(A_eq=A_eq, b_eq=np.ones(len(A_eq)))
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(2, r * c, generator=g, dtype=torch.float64)
+    theta = torch.where(torch.rand(2, r * c, generator=g) < forbid, torch.tensor(NEG, dtype=torch.float64), theta)
+    fast = sg.get_solver("ilp", **opts)
+    slow = sg.get_solver("ilp", method="cp-sat", **opts)
+    assert fast.method == "assignment" and slow.method == "cp-sat"
+    structs = feasible_set(r * c, opts.get("A"), opts.get("b"), opts.get("A_eq"), opts.get("b_eq"))
+    best = [brute_value(t, structs) for t in theta.numpy()]
+    if any(v is None for v in best):
+        for s in (fast, slow):
+            with pytest.raises(InfeasibleError):
+                s.map(theta)
+        return
+    a, b_ = fast.solve(theta), slow.solve(theta)
+    for i in range(2):
+        assert is_feasible(a.z[i].numpy(), opts.get("A"), opts.get("b"), opts.get("A_eq"), opts.get("b_eq"))
+        assert float(a.value[i]) == pytest.approx(best[i], abs=1e-7)
+        assert float(b_.value[i]) == pytest.approx(best[i], abs=1e-7)
+
+
+def test_routing_rule_negative_cases():
+    # coefficient 2, rhs 2, a variable in three rows, an odd cycle: all stay on CP-SAT
+    assert sg.get_solver("ilp", A=2 * ROWS3, b=2 * np.ones(3)).method == "cp-sat"
+    assert sg.get_solver("ilp", A=np.concatenate([ROWS3, COLS3]), b=2 * np.ones(6)).method == "cp-sat"
+    three = np.concatenate([ROWS3, COLS3, np.ones((1, 9), dtype=np.int64)])
+    assert sg.get_solver("ilp", A=three, b=np.ones(7)).method == "cp-sat"
+    triangle = np.array([[1, 1, 0], [0, 1, 1], [1, 0, 1]])  # rows = nodes of an odd cycle
+    assert sg.get_solver("ilp", A=triangle.T, b=np.ones(3)).method == "cp-sat"
+    with pytest.raises(DomainError, match="method: 'assignment' needs"):
+        sg.get_solver("ilp", A=KNAP_A, b=KNAP_B, method="assignment")
+    forced = sg.get_solver("ilp", A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6), method="assignment")
+    assert forced.method == "assignment"
+    # rule 4: with many objective bits the cost scaling could overflow -> CP-SAT
+    rows, cols = assignment_rows(30, 30)
+    big = dict(A_eq=np.concatenate([rows, cols]), b_eq=np.ones(60), objective_bits=52)
+    assert sg.get_solver("ilp", **big).method == "cp-sat"
+    with pytest.raises(DomainError, match="could overflow the assignment solver's cost scaling"):
+        sg.get_solver("ilp", method="assignment", **big)
+    assert sg.get_solver("ilp", **dict(big, objective_bits=30)).method == "assignment"
+
+
+# ----------------------------------------------------------------------------- infinities, scaling, tolerance
+def test_infinite_scores_fix_variables():
+    s = sg.get_solver("ilp", A=np.zeros((0, 4)), b=np.zeros(0), A_eq=np.ones((1, 4)), b_eq=[2])
+    z = s.map(torch.tensor([[POS, -1.0, -2.0, 5.0], [NEG, NEG, 0.1, 0.2]]))
+    assert torch.equal(z, torch.tensor([[1.0, 0, 0, 1], [0, 0, 1, 1]]))
+    # +inf on an assignment problem falls back to CP-SAT and is still optimal
+    a = sg.get_solver("ilp", A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6))
+    th = _theta(9, 11)
+    th[1] = POS
+    z = a.map(th)
+    assert z[1] == 1 and z.sum() == 3
+    structs = feasible_set(9, A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6))
+    assert float(torch.where(torch.isinf(th), 0.0, th) @ z) == pytest.approx(brute_value(th.numpy(), structs))
+
+
+def test_large_float32_scores_no_nan_and_optimal():
+    A = np.array([[4, 9, 2, 7, 3, 8, 5, 6, 1, 2]])
+    b = [15]
+    theta = (torch.randn(3, 10, generator=torch.Generator().manual_seed(3)) * 1e4).float()
+    res = sg.get_solver("ilp", A=A, b=b).solve(theta)
+    assert res.z.dtype == torch.float32 and not torch.isnan(res.value).any()
+    structs = feasible_set(10, A, b)
+    for i in range(3):
+        best = brute_value(theta[i].double().numpy(), structs)
+        tol = 10 * float(theta[i].abs().max()) * 2.0**-30
+        assert float(theta[i].double() @ res.z[i].double()) >= best - tol
+
+
+def test_integer_scores_are_exact_and_tolerance_is_honoured():
+    card = dict(A=np.zeros((0, 5)), b=np.zeros(0), A_eq=np.ones((1, 5)), b_eq=[2])
+    # integer-valued theta: no rounding, the unique optimum is found even when it wins by 1
+    th = torch.tensor([1e6, 999_999.0, 1e6 - 1, 3.0, 1e6 + 1], dtype=torch.float64)
+    assert torch.equal(sg.get_solver("ilp", **card).map(th), torch.tensor([1.0, 0, 0, 0, 1]))
+    # tiny scores beside a huge one fall below the quantum M * 2^-P at P = 30 ...
+    th = torch.tensor([1e4, 2e-6, 3e-6, -1.0, -2.0], dtype=torch.float64)
+    best = 1e4 + 3e-6
+    z = sg.get_solver("ilp", **card).map(th)
+    assert float(th @ z) >= best - 5 * 1e4 * 2.0**-30
+    # ... and are resolved with more objective bits
+    z = sg.get_solver("ilp", objective_bits=50, **card).map(th)
+    assert torch.equal(z, torch.tensor([1.0, 0, 1, 0, 0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtypes_and_batch_shapes(dtype):
+    s = sg.get_solver("ilp", A=KNAP_A, b=KNAP_B)
+    theta = _theta((2, 3, 8), 8).to(dtype)
+    z = s.map(theta)
+    assert z.shape == (2, 3, 8) and z.dtype == dtype
+    flat = s.map(theta.reshape(6, 8))
+    assert torch.equal(z.reshape(6, 8), flat)
+    assert torch.equal(z[1, 2], s.map(theta[1, 2]))
+    assert s.map(torch.zeros(0, 8, dtype=dtype)).shape == (0, 8)
+
+
+def test_parallel_batch_equals_serial_and_inputs_untouched():
+    A = np.random.default_rng(0).integers(1, 20, size=(4, 30))
+    b = A.sum(1) // 2
+    theta = _theta((12, 30), 9)
+    theta[::3, ::4] = NEG  # per-instance fixings must not leak between the threads' model copies
+    before = theta.clone()
+    serial = sg.get_solver("ilp", A=A, b=b, num_threads=1).solve(theta)
+    par = sg.get_solver("ilp", A=A, b=b, num_threads=2)
+    first = par.solve(theta)
+    again = par.solve(theta)  # model copies are reused across calls
+    assert torch.equal(serial.z, first.z) and torch.equal(first.z, again.z)
+    assert torch.equal(theta, before)
+    for z in first.z.numpy():
+        assert is_feasible(z, A, b, None, None)
+    assert torch.allclose(first.value, (first.z * theta.nan_to_num(neginf=0.0)).sum(-1))
+
+
+def test_result_fields():
+    s = sg.get_solver("ilp", A=KNAP_A, b=KNAP_B)
+    theta = _theta((2, 8), 10)
+    theta[0, 0] = NEG
+    res = s.solve(theta)
+    from structgrad.solvers.ilp import ILPResult
+
+    assert isinstance(res, ILPResult)
+    assert res.z.shape == (2, 8) and res.value.shape == (2,) and res.optimal.shape == (2,)
+    assert res.optimal.dtype == torch.bool and bool(res.optimal.all())
+    assert torch.isfinite(res.value).all()
+    assert torch.equal(res.z, s.map(theta))
+
+
+# ----------------------------------------------------------------------------- infeasible / time-outs
+def test_infeasible_instances():
+    s = sg.get_solver("ilp", A=np.ones((1, 3)), b=[-1])
+    with pytest.raises(InfeasibleError, match=r"instance \(0,\) of batch shape \(1,\)"):
+        s.map(torch.zeros(1, 3))
+    card = sg.get_solver("ilp", A_eq=np.ones((1, 3)), b_eq=[2])
+    theta = torch.tensor([[0.0, 1.0, 2.0], [NEG, NEG, 1.0]])
+    with pytest.raises(InfeasibleError, match=r"instance \(1,\).*after fixing the variables whose score is -inf"):
+        card.map(theta)
+    with pytest.raises(InfeasibleError, match="all zeros"):
+        sg.get_solver("ilp", A=np.zeros((1, 3)), b=[-1]).map(torch.zeros(3))
+    rows, cols = assignment_rows(2, 3)
+    uneven = sg.get_solver("ilp", A_eq=np.concatenate([rows, cols]), b_eq=np.ones(5))
+    assert uneven.method == "assignment"
+    with pytest.raises(InfeasibleError, match="needs equal sides"):
+        uneven.map(torch.zeros(6))
+    a = sg.get_solver("ilp", A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6))
+    th = torch.zeros(9)
+    th[6:] = NEG  # the last row can take no column
+    with pytest.raises(InfeasibleError):
+        a.map(th)
+
+
+def test_time_out_without_a_solution_raises():
+    rng = np.random.default_rng(1)
+    a = rng.integers(10**9, 2 * 10**9, size=60)
+    T = int(a.sum() // 2) + 1  # subset sum: CP-SAT cannot find a solution in 10 ms
+    s = sg.get_solver("ilp", A_eq=a[None], b_eq=[T], time_limit=0.01)
+    with pytest.raises(SolverTimeoutError, match=r"time_limit=0.01"):
+        s.map(_theta(60, 0))
+
+
+def test_time_out_with_a_solution_returns_it_flagged():
+    rng = np.random.default_rng(0)
+    A = rng.integers(1, 101, size=(20, 200))
+    b = A.sum(1) // 2
+    theta = torch.rand(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # all positive: hard
+    res = sg.get_solver("ilp", A=A, b=b, time_limit=0.3).solve(theta)
+    assert not bool(res.optimal)
+    assert is_feasible(res.z.numpy(), A, b, None, None) and float(res.value) > 0
+
+
+# ----------------------------------------------------------------------------- bad arguments
+BAD_OPTIONS = [
+    (dict(A=[1, 2, 3], b=[1]), ShapeError, r"A: expected a 2-D array of shape \(m, n\), got shape \(3,\)"),
+    (dict(A=np.ones((2, 3)), b=[1]), ShapeError, r"b: expected shape \(2,\), one entry per row of A \(2, 3\), got \(1,\)"),
+    (dict(A=np.ones((2, 3)), b=np.ones((2, 1))), ShapeError, r"b: expected a 1-D array"),
+    (dict(A=np.ones((1, 3)), b=[1], A_eq=np.ones((1, 4)), b_eq=[1]), ShapeError, r"A_eq: expected 3 columns like A"),
+    (dict(A=np.ones((1, 3))), ShapeError, r"b: expected it together with A, got None"),
+    (dict(b_eq=[1]), ShapeError, r"A_eq: expected it together with b_eq"),
+    (dict(), ShapeError, r"got neither"),
+    (dict(A=[[1, 2], [3]], b=[1, 1]), ShapeError, r"A: expected a rectangular array"),
+    (dict(A=[[0.5, 1.0]], b=[1]), DomainError, r"A: expected integer coefficients, got 0.5 at index \(0, 0\)"),
+    (dict(A=[[1.0, float("inf")]], b=[1]), DomainError, r"A: expected finite integer coefficients, got inf"),
+    (dict(A=[[1.0, float("nan")]], b=[1]), DomainError, r"A: expected finite integer coefficients, got nan"),
+    (dict(A=[[1, 1]], b=[1.5]), DomainError, r"b: expected integer coefficients, got 1.5"),
+    (dict(A=[[2.0**63, 1.0]], b=[1]), DomainError, r"A: expected coefficients of magnitude < 2\^62"),
+    (dict(A=[[2**61, 2**61, 2**61]], b=[1]), DomainError, r"A: row 0 has .* expected < 2\^62"),
+    (dict(A=[["a", "b"]], b=[1]), DTypeError, r"A: expected integer coefficients .* got dtype <U1"),
+    (dict(A=np.ones((1, 2), dtype=complex), b=[1]), DTypeError, r"A: expected integer coefficients .* complex128"),
+    (dict(A=KNAP_A, b=KNAP_B, time_limit=0), DomainError, r"time_limit: expected a finite number of seconds > 0, got 0"),
+    (dict(A=KNAP_A, b=KNAP_B, time_limit=float("inf")), DomainError, r"time_limit: expected a finite number"),
+    (dict(A=KNAP_A, b=KNAP_B, time_limit="1"), DTypeError, r"time_limit: expected a number of seconds or None, got str"),
+    (dict(A=KNAP_A, b=KNAP_B, num_threads=0), DomainError, r"num_threads: expected an integer >= 1, got 0"),
+    (dict(A=KNAP_A, b=KNAP_B, num_threads=1.5), DTypeError, r"num_threads: expected an integer or None, got float"),
+    (dict(A=KNAP_A, b=KNAP_B, objective_bits=0), DomainError, r"objective_bits: expected 1 <= P .* got 0"),
+    (dict(A=KNAP_A, b=KNAP_B, objective_bits=60), DomainError, r"objective_bits: .*n = 8\), got 60"),
+    (dict(A=KNAP_A, b=KNAP_B, method="gurobi"), DomainError, r"method: expected one of .*'gurobi'"),
+]
+
+
+@pytest.mark.parametrize("opts,exc,pattern", BAD_OPTIONS)
+def test_bad_options(opts, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        sg.get_solver("ilp", **opts)
+
+
+def test_bad_theta():
+    s = sg.get_solver("ilp", A=KNAP_A, b=KNAP_B)
+    with pytest.raises(ShapeError, match=r"theta: expected shape \(\*batch, 8\) \(n = 8 columns of A\), got \(2, 7\)"):
+        s.map(torch.zeros(2, 7))
+    with pytest.raises(ShapeError, match=r"theta: expected at least 1 dimensions"):
+        s.map(torch.tensor(1.0))
+    th = torch.zeros(2, 8)
+    th[1, 3] = float("nan")
+    with pytest.raises(DomainError, match=r"theta: expected scores or ±inf, got NaN in instance \(1,\)"):
+        s.map(th)
+    with pytest.raises(DTypeError, match="floating-point"):
+        s.map(torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ShapeError):
+        s.solve(torch.zeros(3))
+
+
+def test_inputs_are_copied_not_aliased():
+    A = np.array(KNAP_A)
+    b = torch.tensor(KNAP_B)
+    s = sg.get_solver("ilp", A=A, b=b)
+    A[0, 0] = 100
+    b[0] = -5
+    assert s.A[0, 0] == 3 and s.b[0] == 11
+    assert not s.A.flags.writeable
+    assert "ILPSolver(n=8, m=2, p=0" in repr(s)
+
+
+# ----------------------------------------------------------------------------- packaging, devices
+def test_import_structgrad_does_not_import_ortools():
+    code = (
+        "import sys, structgrad as sg; import structgrad.solvers.ilp; sg.list_solvers(); "
+        "assert 'ortools' not in sys.modules, 'imported too early'; "
+        "sg.get_solver('ilp', A=[[1, 1]], b=[1]); assert 'ortools' in sys.modules; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_theta_gives_cuda_z():
+    s = sg.get_solver("ilp", A=KNAP_A, b=KNAP_B)
+    theta = _theta((3, 8), 12)
+    res = s.solve(theta.cuda())
+    assert res.z.device.type == "cuda" and res.value.device.type == "cuda" and res.optimal.device.type == "cuda"
+    assert torch.equal(res.z.cpu(), s.map(theta))
