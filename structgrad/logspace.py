@@ -67,6 +67,10 @@ class _LogSumExp(torch.autograd.Function):
         return grad * w, None, None
 
 
+def _needs_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs)
+
+
 def logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
     """NaN-free log Σ exp along ``dim``.
 
@@ -81,11 +85,15 @@ def logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Te
     dim = dim % x.dim() if x.dim() else 0
     if x.dim() == 0:
         return x.clone()
+    if not _needs_grad(x):  # torch's forward is already NaN-free; only its backward is not
+        return torch.logsumexp(x, dim, keepdim)
     return _LogSumExp.apply(x, dim, keepdim)
 
 
 def logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """NaN-free ``log(exp(a) + exp(b))`` (broadcasting like ``torch.logaddexp``)."""
+    if not _needs_grad(a, b):
+        return torch.logaddexp(a, b)
     a, b = torch.broadcast_tensors(a, b)
     return logsumexp(torch.stack((a, b), dim=-1), dim=-1)
 
@@ -98,6 +106,8 @@ def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``exp(x − logsumexp(x))``; rows of all ``-inf`` give zeros (no NaN)."""
+    if not _needs_grad(x):  # one fused pass; torch gives NaN exactly on the all -inf rows
+        return torch.softmax(x, dim).nan_to_num_(nan=0.0)
     return log_softmax(x, dim).exp()
 
 

@@ -1,0 +1,691 @@
+"""The DPM contrastive objective (NUCLR) with per-sample moving averages and learnable ζ (seed 000).
+
+Discriminative probabilistic modelling of paired data (x_i, y_i), i = 1..n, with a
+score ``E_w(x, y)`` (``sim[i, j] = E_w(x_i, y_j)`` for a batch).  For anchor x_i the
+candidates y_j are weighted by a softmax over the dataset with a learnable
+per-candidate log-normaliser ζ_j and an extra, invisible outcome of weight
+``exp(−ξ/τ)`` standing in for the positive:
+
+    L_ij = (E_ij − E_ii − ζ_j) / τ,
+    p_ij = exp(L_ij) / (exp(−ξ/τ) + Σ_{j'≠i} exp(L_ij'))            (j ≠ i),
+    G_w  = (1/n) Σ_i Σ_{j≠i} p_ij (∇E_ij − ∇E_ii)  = ∇_w F_x,
+    F_x  = (1/n) Σ_i τ log(exp(−ξ/τ) + Σ_{j≠i} exp(L_ij)).
+
+p_ij are categorical marginals with an offset (:func:`structgrad.logspace.softmax_with_offset`).
+A batch 𝓑 of B pairs cannot see the whole sum, so each anchor keeps a moving average
+
+    s_i ← (1 − γ) s_i + γ Σ_{j∈𝓑∖{i}} exp(L_ij)      (first visit: s_i = the batch value),
+
+an estimate of ((B−1)/(n−1)) Σ_{j'≠i} exp(L_ij').  (The state keeps s_i/(B−1), the same
+thing for a fixed B, so that a short last batch or a varying B updates one estimate of
+(1/(n−1)) Σ_{j'≠i} exp(L_ij') instead of mixing sums over different numbers of
+negatives.)  The stochastic gradient is
+
+    Ĝ_w = (1/B) Σ_{i∈𝓑} Σ_{j∈𝓑∖{i}} W_ij (∇E_ij − ∇E_ii),   W_ij = exp(L_ij) / (offset + s_i),
+    offset = ((B−1)/(n−1)) exp(−ξ/τ).
+
+ζ descends the ζ objective Φ(ζ) = (1/n) Σ_i τ log((1/(n−1)) Σ_{j'} exp(L'_ij')) + (1/n) Σ_j ζ_j
+(L' is L with the diagonal L'_ii = −ζ_i/τ kept), whose gradient is
+G_ζj = −(1/n) Σ_i P_ij + 1/n with P the row softmax of L'; at a fixed point every
+column of P sums to 1.  With s̃_i = exp(−ζ_i/τ)/(n−1) + s_i/(B−1) (``offset_tilde`` is
+the first term) and q_ij = exp(L'_ij) / ((n−1) s̃_i), the n-rescaled stochastic derivative
+for j ∈ 𝓑 is
+
+    seed:      n Ĝ_ζj = 1 − (n/B) Σ_{i∈𝓑} q_ij,
+    unbiased:  n Ĝ_ζj = 1 − q_jj − ((n−1)/(B−1)) Σ_{i∈𝓑∖{j}} q_ij,
+
+followed by momentum u_j ← (1 − θ) u_j + θ n Ĝ_ζj (u_j = n Ĝ_ζj on the first step) and
+ζ_j ← ζ_j − η u_j.  ξ is reset to max(ξ_0, max_j ζ_j) by :meth:`DPMLoss.update_xi`.
+
+Both directions are used: anchors x_i against candidates y_j (ζ of the y's, ξ_y) and
+anchors y_j against candidates x_i (ζ of the x's, ξ_x); the surrogates are summed.
+
+The two ζ estimators.  Given j ∈ 𝓑, the other B − 1 members are a uniform sample of
+the n − 1 other indices, while the term i = j (the positive pair, q_jj) is always in
+the batch.  The seed's estimator weights every term by n/B, so in expectation it
+gives the positive term n/B times its weight in G_ζ; the ``"unbiased"`` estimator
+weights q_jj by 1 and the others by (n−1)/(B−1), and with exact s its average over
+batches equals n G_ζ exactly.  The two agree when B = n.  The difference matters
+when B ≪ n: the seed's expected step vanishes where (n/B) P_jj + (n(B−1)/(B(n−1)))
+Σ_{i≠j} P_ij = 1, i.e. at column sums Σ_i P_ij ≈ 1 + (1 − n P_jj)/(B − 1), below 1
+(ζ too high) as soon as the positive's share P_jj exceeds 1/n, as it does for a
+trained encoder.  ``"seed"`` is the default, to reproduce the published results.
+
+Numerics: everything is kept in log space (``log s``, log-sum-exp over the batch,
+``logaddexp`` for the moving average and the offset), so no stability shift has to be
+carried in the state and no rescaling factor can be got wrong; the published code
+rescales s by exp(b_old − b_new) where exp((b_old − b_new)/τ) is due.  The weights are
+formed as W_ij = ρ_i π_ij, π the categorical marginals (softmax over the candidates)
+and ρ_i = S_i/(offset + s_i) ≤ 1/γ the anchor's mass, so no overflowing factor is ever
+built; for γ = 1 (or a first visit) W_i· is exactly ``softmax_with_offset(L_i·, log offset)``.
+``−inf`` scores off the diagonal mean "impossible pair" and get weight 0.
+
+References:
+    B. Wang, Y. Lei, Y. Ying, T. Yang.  On Discriminative Probabilistic Modeling for
+    Self-Supervised Representation Learning.  ICLR 2025.  (NUCLR; code github.com/bokun-wang/NUCLR)
+    Z. Yuan et al.  Provable Stochastic Optimization for Global Contrastive Learning:
+    Small Batch Does Not Harm Performance.  ICML 2022.  (SogCLR: ζ = 0, no offset.)
+
+Example:
+    >>> import torch, structgrad as sg
+    >>> crit = sg.DPMLoss(100, tau=0.1, gamma=0.8, xi=0.0)
+    >>> x = torch.nn.functional.normalize(torch.randn(8, 4, requires_grad=True), dim=-1)
+    >>> y = torch.nn.functional.normalize(torch.randn(8, 4), dim=-1)
+    >>> out = crit(x @ y.T, torch.arange(8))
+    >>> out.surrogate.backward()    # gradient = the seed's Ĝ_w; out.objective is the loss to watch
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import _validate as V
+from . import logspace as ls
+from .errors import DeviceError, DomainError, DTypeError, ShapeError
+
+__all__ = ["ZETA_ESTIMATORS", "DPMOutput", "DPMLoss", "dpm_surrogate", "all_gather_with_grad"]
+
+#: the ζ estimators :class:`DPMLoss` accepts (see the module docstring).
+ZETA_ESTIMATORS = ("seed", "unbiased")
+
+_NEG_INF = float("-inf")
+
+
+class DPMOutput(NamedTuple):
+    """What :class:`DPMLoss` and :func:`dpm_surrogate` return.
+
+    Attributes:
+        surrogate: ``()`` in sim's dtype.  Call ``surrogate.backward()``: its gradient
+            with respect to ``sim`` is the seed's Ĝ_w (both directions summed), i.e.
+            ``sim.grad[i, j] = (W^x_ij + W^y_ij) / B`` off the diagonal and
+            ``−(Σ_j W^x_ij + Σ_j W^y_ji) / B`` on it.  Its *value*
+            ``Σ_ij W_ij (E_ij − E_ii) / B`` (what the published code returns as its loss)
+            is not an objective: it is usually negative, as with LibAUC's GCL/SogCLR
+            losses, and need not decrease.  Watch ``objective`` instead.
+        objective: ``()`` detached, ``objective_x + objective_y``.
+        objective_x: ``()`` detached; the batch estimate of the DPM objective
+            F_x = (1/n) Σ_i τ log(exp(−ξ/τ) + Σ_{j≠i} exp(L_ij)) whose gradient is G_w,
+            ``mean_i τ (log(offset + s_i) − log((B−1)/(n−1)))`` (exact when B = n and γ = 1).
+            Equivalently −ξ − τ·mean_i log p_ii, the cross-entropy of the positive.  It
+            depends on ζ and ξ: compare values while they are fixed (it drops by Δξ when
+            :meth:`DPMLoss.update_xi` raises ξ).
+        objective_y: the same for the anchors y_j.
+        zeta_grad_x: ``(B,)`` detached n Ĝ_ζ for ζ of the x's in the batch (from the
+            anchors y); 0 at a fixed point of ζ.  Computed whether or not ζ is stepped.
+        zeta_grad_y: ``(B,)`` the same for ζ of the y's (from the anchors x).
+    """
+
+    surrogate: torch.Tensor
+    objective: torch.Tensor
+    objective_x: torch.Tensor
+    objective_y: torch.Tensor
+    zeta_grad_x: torch.Tensor
+    zeta_grad_y: torch.Tensor
+
+
+# ---------------------------------------------------------------------------- checks
+def _check_real(x: Any, name: str, *, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, allow_inf: bool = False) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) and not (
+        isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype.is_floating_point
+    ):
+        raise DTypeError(f"{name}: expected a real number, got {type(x).__name__}")
+    v = float(x)
+    if math.isnan(v) or (math.isinf(v) and not allow_inf):
+        raise DomainError(f"{name}: expected a finite number, got {v}")
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise DomainError(f"{name}: expected a value {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise DomainError(f"{name}: expected a value <= {hi}, got {v}")
+    return v
+
+
+def _check_xi(x: Any, name: str) -> float:
+    v = _check_real(x, name, allow_inf=True)
+    if v == _NEG_INF:
+        raise DomainError(f"{name}: expected a finite value or +inf (no offset), got -inf (an infinite offset)")
+    return v
+
+
+def _check_estimator(x: Any) -> str:
+    if x not in ZETA_ESTIMATORS:
+        raise DomainError(f"zeta_estimator: expected one of {ZETA_ESTIMATORS}, got {x!r}")
+    return x
+
+
+def _check_sim_shape(sim: Any, num_samples: int) -> int:
+    """sim is a float (B, B) tensor with 2 <= B <= n; returns B."""
+    V.check_float_tensor(sim, "sim")
+    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
+        raise ShapeError(
+            f"sim: expected a square (B, B) matrix with sim[i, j] = E(x_i, y_j), got shape {V.fmt_shape(sim.shape)}"
+        )
+    B = sim.shape[0]
+    if B < 2:
+        raise ShapeError(
+            f"sim: expected B >= 2 pairs (each anchor needs a negative), got shape {V.fmt_shape(sim.shape)}"
+        )
+    if B > num_samples:
+        raise ShapeError(
+            f"sim: batch of B = {B} pairs is larger than the dataset (num_samples = {num_samples}); "
+            f"expected B <= num_samples"
+        )
+    return B
+
+
+def _sim_has_neginf(sim: torch.Tensor) -> bool:
+    """Check sim's values (no NaN or +inf; finite diagonal); True if it holds −inf (masked pairs)."""
+    s = sim.detach()
+    lo, hi = torch.aminmax(s)
+    lo, hi, dmin = torch.stack((lo, hi, s.diagonal().amin())).tolist()
+    if not hi < math.inf:
+        raise DomainError("sim: expected finite scores (or -inf for an impossible pair), got NaN or +inf")
+    if dmin == _NEG_INF:
+        raise DomainError("sim: expected a finite diagonal (the positive pairs sim[i, i]), got -inf there")
+    return lo == _NEG_INF
+
+
+def _check_index(index: Any, B: int, num_samples: int, device: torch.device) -> torch.Tensor:
+    index = V.check_index_tensor(index, "index")
+    V.check_shape(index, (B,), "index", "(the dataset position of each row of sim)")
+    if index.device != device:
+        raise DeviceError(f"index is on device {index.device} but sim is on {device}; expected the same device")
+    uniq = torch.unique(index)  # sorted
+    lo, hi = uniq[[0, -1]].tolist()
+    if lo < 0 or hi >= num_samples:
+        raise DomainError(
+            f"index: expected dataset positions in [0, {num_samples - 1}] (num_samples = {num_samples}), "
+            f"got min {lo} and max {hi}"
+        )
+    if uniq.numel() != B:
+        srt = torch.sort(index).values
+        d = srt[1:][srt[1:] == srt[:-1]].unique()[:5].tolist()
+        raise DomainError(
+            f"index: expected distinct dataset positions in one batch (each pair once), got duplicates {d}"
+        )
+    return index
+
+
+def _check_vector(x: Any, name: str, B: int, device: torch.device) -> torch.Tensor:
+    V.check_float_tensor(x, name)
+    V.check_shape(x, (B,), name, "(one value per pair in the batch)")
+    if x.device != device:
+        raise DeviceError(f"{name} is on device {x.device} but sim is on {device}; expected the same device")
+    return x
+
+
+# ---------------------------------------------------------------------------- kernels
+# Both directions are computed together.  A "(2, B)" tensor holds in row 0 what the
+# anchors x_i use (their s; ζ, ξ of their candidates y_j) and in row 1 what the anchors
+# y_j use (their s; ζ, ξ of their candidates x_i).  The state is laid out the same way.
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    wd = torch.float32
+    for d in dtypes:
+        wd = torch.promote_types(wd, d)
+    return wd
+
+
+def _marginals(sim: torch.Tensor, nzs: torch.Tensor, tau: float, wd: torch.dtype, masked: bool):
+    """Both directions' categorical marginals over the candidates and log-partitions.
+
+    The anchors x_i have logits L_ij = (E_ij − E_ii − ζ_j)/τ over the candidates j ≠ i (the
+    positive is left out), the anchors y_j have L_ij = (E_ij − E_jj − ζ_i)/τ over i ≠ j.
+    E_aa only shifts an anchor's logits, so the marginals π are the softmax of
+    A = E/τ − ζ/τ (diagonal −inf) and log Σ exp(L) = logsumexp(A) − E_aa/τ, where
+    logsumexp(A) = max A − log max π (the largest marginal is exp(max A − logsumexp A)),
+    one fused softmax and two max passes per direction.
+
+    Args:
+        nzs: ``(2, B)`` −ζ/τ of the candidates of each direction.
+    Returns:
+        π_x (B, B) rows summing to 1, π_y (B, B) columns summing to 1, ``lse (2, B)``.
+    """
+    E = _as(sim.detach(), wd)
+    r = 1.0 / tau
+    Ax = torch.add(nzs[0], E, alpha=r)
+    Ay = torch.add(nzs[1].unsqueeze(1), E, alpha=r)
+    Ax.diagonal().fill_(_NEG_INF)
+    Ay.diagonal().fill_(_NEG_INF)
+    # the categorical marginals (an anchor whose candidates are all impossible: zeros)
+    pi_x, pi_y = ls.softmax(Ax, 1), ls.softmax(Ay, 0)
+    top = torch.stack((pi_x.amax(1), pi_y.amax(0))).log_()
+    lse = torch.stack((Ax.amax(1), Ay.amax(0))).sub_(top).sub_(E.diagonal(), alpha=r)
+    if masked:
+        lse.nan_to_num_(nan=_NEG_INF)  # (−inf) − (−inf) for those anchors: Σ exp(L) = 0
+    return pi_x, pi_y, lse
+
+
+def _finish(sim, pi_x, pi_y, lse, log_s, nzs, xi, tau, n, estimator, masked) -> tuple[DPMOutput, torch.Tensor]:
+    """Weights, surrogate, monitors and n Ĝ_ζ from both directions.
+
+    Args (rows as above): π_x, π_y, ``lse`` from :func:`_marginals` (π_x is overwritten);
+    ``log_s (2, B)`` log s of the anchors for this batch; ``nzs (2, B)`` −ζ/τ of the
+    candidates; ``xi (2,)`` ξ of the candidates.
+    Returns the output and n Ĝ_ζ ``(2, B)`` of the candidates, in the working dtype.
+
+    W_aj = exp(L_aj)/(offset + s_a) = rho_a π_aj with rho_a = S_a/(offset + s_a) ≤ 1/γ
+    (S_a = exp(lse_a)), and q_aj = kappa_a π_aj likewise: no factor that could overflow
+    is ever formed.
+    """
+    B = pi_x.shape[0]
+    log_ratio = math.log(B - 1) - math.log(n - 1)  # log((B−1)/(n−1))
+    log_norm = ls.logaddexp(log_s, xi.div(-tau).add_(log_ratio).unsqueeze(1))  # log(offset + s)
+    rb = (lse - log_norm).sub_(math.log(B)).exp_()  # Σ_j W_aj / B
+    if masked:
+        rb.nan_to_num_(nan=0.0)  # S_a = 0 and no offset
+    # (n−1) s̃_a = exp(−ζ_a/τ) + ((n−1)/(B−1)) s_a; exp(−ζ_a/τ)/(n−1) is offset_tilde
+    log_t = ls.logaddexp(nzs, log_s - log_ratio)
+    kappa, q_diag = torch.stack((lse, nzs)).sub_(log_t).exp_().unbind()
+    kx, ky = kappa.unbind()
+    col = torch.stack((torch.mv(pi_x.t(), kx), torch.mv(pi_y, ky)))  # Σ_{a≠c} q_ac
+    if estimator == "seed":
+        g = col.add_(q_diag).mul_(-n / B).add_(1.0)
+    else:
+        g = col.mul_(-(n - 1) / (B - 1)).sub_(q_diag).add_(1.0)
+    obj = _as(log_norm.mean(1).sub_(log_ratio).mul_(tau), sim.dtype)
+    C = pi_x.mul_(rb[0].unsqueeze(1)).addcmul_(pi_y, rb[1])
+    C.diagonal().sub_(rb.sum(0))  # the diagonal of π is 0
+    # the surrogate <C, sim> through autograd: its gradient with respect to sim is C
+    s = _as(sim, C.dtype)
+    if masked:
+        s = s.masked_fill(torch.isneginf(s.detach()), 0.0)  # C is 0 there: no 0·(−inf)
+    obj_x, obj_y = obj.unbind()
+    g_y, g_x = _as(g, sim.dtype).unbind()
+    out = DPMOutput(
+        surrogate=_as(torch.dot(s.reshape(-1), C.reshape(-1)), sim.dtype),
+        objective=obj.sum(),
+        objective_x=obj_x,
+        objective_y=obj_y,
+        zeta_grad_x=g_x,
+        zeta_grad_y=g_y,
+    )
+    return out, g
+
+
+# ---------------------------------------------------------------------------- functional
+def dpm_surrogate(
+    sim: torch.Tensor,
+    log_s_x: torch.Tensor,
+    log_s_y: torch.Tensor,
+    *,
+    zeta_x: torch.Tensor,
+    zeta_y: torch.Tensor,
+    xi_x: float | torch.Tensor,
+    xi_y: float | torch.Tensor,
+    tau: float,
+    num_samples: int,
+    zeta_estimator: str = "seed",
+) -> DPMOutput:
+    """The DPM surrogate for given moving averages: the stateless core of :class:`DPMLoss`.
+
+    Use it to supply s from elsewhere (exact sums for a small dataset, a state kept
+    by your own code); :class:`DPMLoss` computes the moving averages and updates ζ.
+
+    Args:
+        sim: ``(B, B)`` scores, ``sim[i, j] = E_w(x_i, y_j)``; ``-inf`` off the
+            diagonal marks an impossible pair; the diagonal must be finite.
+        log_s_x: ``(B,)`` log s_i for the anchors x_i, the estimate of
+            log(((B−1)/(n−1)) Σ_{j≠i} exp(L_ij)) (already updated with this batch).
+        log_s_y: ``(B,)`` the same for the anchors y_j.
+        zeta_x, zeta_y: ``(B,)`` ζ of the x's and of the y's in the batch.
+        xi_x, xi_y: ξ used where the x's (resp. y's) are the candidates, i.e. the
+            offset of the anchors y (resp. x); ``inf`` removes the offset.
+        tau: temperature τ > 0.  num_samples: the dataset size n ≥ B.
+        zeta_estimator: ``"seed"`` or ``"unbiased"`` (module docstring).
+    Returns:
+        :class:`DPMOutput`; ``surrogate`` has gradient Ĝ_w with respect to ``sim``.
+    Shapes:
+        sim ``(B, B)``; every vector ``(B,)``; outputs ``()`` or ``(B,)``, in sim's dtype.
+    Complexity:
+        O(B²) time and memory, a few passes over a (B, B) buffer per direction.
+    Example:
+        >>> import torch, structgrad as sg
+        >>> from structgrad.dpm import dpm_surrogate
+        >>> sim = torch.randn(4, 4, requires_grad=True)
+        >>> z = torch.zeros(4)
+        >>> out = dpm_surrogate(sim, z, z, zeta_x=z, zeta_y=z, xi_x=0.0, xi_y=0.0, tau=0.5, num_samples=10)
+        >>> out.surrogate.backward()
+    """
+    n = V.check_positive_int(num_samples, "num_samples", minimum=2)
+    tau = _check_real(tau, "tau", lo=0.0, lo_open=True)
+    xi_x, xi_y = _check_xi(xi_x, "xi_x"), _check_xi(xi_y, "xi_y")
+    estimator = _check_estimator(zeta_estimator)
+    B = _check_sim_shape(sim, n)
+    masked = _sim_has_neginf(sim)
+    vecs = {nm: _check_vector(v, nm, B, sim.device) for nm, v in
+            (("log_s_x", log_s_x), ("log_s_y", log_s_y), ("zeta_x", zeta_x), ("zeta_y", zeta_y))}
+    for nm in ("zeta_x", "zeta_y"):
+        if not bool(torch.isfinite(vecs[nm]).all()):
+            bad = vecs[nm].detach()[~torch.isfinite(vecs[nm])][:3].tolist()
+            raise DomainError(f"{nm}: expected finite values, got {bad}")
+    for nm in ("log_s_x", "log_s_y"):
+        v = vecs[nm]
+        if bool((torch.isnan(v) | torch.isposinf(v)).any()):
+            raise DomainError(f"{nm}: expected log s in [-inf, inf), got NaN or +inf")
+    wd = _work_dtype(sim.dtype, *(v.dtype for v in vecs.values()))
+    with torch.no_grad():
+        log_s = torch.stack((vecs["log_s_x"], vecs["log_s_y"])).to(wd)  # the anchors' s
+        nzs = torch.stack((vecs["zeta_y"], vecs["zeta_x"])).to(wd).div_(-tau)  # the candidates' −ζ/τ
+        xi = torch.tensor([xi_y, xi_x], dtype=wd, device=sim.device)
+        pi_x, pi_y, lse = _marginals(sim, nzs, tau, wd, masked)
+        if bool((torch.isneginf(log_s) & torch.isfinite(lse) & (xi == math.inf).unsqueeze(1)).any()):
+            raise DomainError(
+                "log_s_x/log_s_y: got -inf (s = 0) for an anchor whose negatives have positive weight, "
+                "with no offset (xi = inf); the weights would be infinite"
+            )
+    return _finish(sim, pi_x, pi_y, lse, log_s, nzs, xi, tau, n, estimator, masked)[0]
+
+
+# ---------------------------------------------------------------------------- module
+class DPMLoss(nn.Module):
+    """DPM contrastive objective (NUCLR) with per-sample state; see the module docstring.
+
+    Args:
+        num_samples: the dataset size n ≥ 2.  It is a constant of the formulas
+            (the offset (B−1)/(n−1) exp(−ξ/τ), the n-rescaling of Ĝ_ζ), not only the
+            length of the state: pass the true number of pairs.
+        tau: temperature τ > 0 (published: 0.01 for CLIP on CC3M).
+        gamma: moving-average rate γ ∈ (0, 1] of s (published: 0.8); γ = 1 uses the
+            batch value only.
+        xi: initial ξ_0 (published: 0.0); ``inf`` removes the offset (SogCLR when ζ = 0).
+        zeta: initial ζ for every sample (published: −0.05).
+        zeta_lr: ζ step size η ≥ 0, one number for both directions or a pair
+            ``(η_x, η_y)`` for ζ of the x's and of the y's (published: η_y = 5e-6 under a
+            cosine schedule, η_x = 0.1 η_y).  Settable between steps (``crit.zeta_lr = ...``)
+            to schedule it; 0 freezes ζ.
+        zeta_momentum: θ ∈ (0, 1], the weight of the new derivative in
+            u ← (1 − θ) u + θ n Ĝ_ζ (published: 0.9); 1 means no momentum.
+        zeta_start_step: ζ stays frozen during the first this-many training steps
+            (published: 5 epochs' worth).
+        zeta_estimator: ``"seed"`` (default, reproduces the paper) or ``"unbiased"``.
+        device, dtype: of the floating state (default: CPU, the default dtype);
+            ``.to()``, ``.double()`` move and cast it like any buffer (``.double()``
+            widens the float32 initial ξ and ζ; pass ``dtype=torch.float64`` to start
+            from the exact values).
+    State (registered buffers; ``state_dict`` round-trips bit-exactly).  Row 0 holds what
+    the anchors x use, row 1 what the anchors y use; the views ``log_s_x``, ``log_s_y``,
+    ``zeta_x``, ``zeta_y``, ``zeta_momentum_x``, ``zeta_momentum_y``, ``xi_x``, ``xi_y``
+    name them by side:
+        ``log_s`` (2, n): log(s_i / (B − 1)) of the anchors x_i (row 0) and y_i (row 1), s
+        per negative (−inf until visited), so that batches of any size share one
+        estimate; s_i for a batch of B is (B − 1) exp(log_s), for a fixed B exactly the
+        seed's s.
+        ``zeta`` (2, n): ζ of the candidates, the y_i (row 0) and the x_i (row 1).
+        ``zeta_momentum`` (2, n): their momentum u.  ``xi`` (2,): ξ_y (row 0), ξ_x (row 1).
+        ``visited`` (n,) bool: s has been set.  ``zeta_started`` (n,) bool: u has been set.
+        ``step`` () int64: training steps taken.
+    Forward:
+        ``forward(sim, index)`` with ``sim (B, B)``, ``sim[i, j] = E_w(x_i, y_j)`` for the
+        pairs at dataset positions ``index (B,)`` (distinct, in [0, n)); any B in [2, n]
+        (no fixed batch size, no drop_last).  In training mode it updates s (first visit:
+        the batch value), then, from step ``zeta_start_step`` on, the ζ momentum and ζ of the
+        batch **inside forward** (there is no separate step method; the derivative uses the
+        ζ from before the step), and counts the step.  In eval mode nothing is written.
+        Returns a :class:`DPMOutput`: backpropagate ``surrogate``, log ``objective``.
+    Shapes:
+        sim ``(B, B)`` float (any float dtype; computed in at least float32 and the state's
+        dtype), index ``(B,)`` integer, same device as the state.
+    Complexity:
+        O(B²) time and memory per call (one fused softmax and a few passes over a (B, B)
+        buffer per direction, no Python loop over the batch); O(n) state.  Two host
+        synchronisations per call (the index checks; a finiteness check of the result,
+        which inspects sim only when something is not finite).
+    Data parallel:
+        gather the features of every rank with :func:`all_gather_with_grad` (and the
+        indices), compute the full (B, B) sim on every rank and call the loss there; the
+        state then evolves identically on every rank, and DDP's gradient averaging gives
+        the gradient of one process on the concatenated batch.  Call :meth:`update_xi`
+        on every rank.
+    Example:
+        >>> import torch, structgrad as sg
+        >>> crit = sg.DPMLoss(1000, tau=0.1, gamma=0.8, xi=0.0, zeta_lr=1e-3)
+        >>> sim = torch.randn(16, 16, requires_grad=True)
+        >>> out = crit(sim, torch.randperm(1000)[:16])
+        >>> out.surrogate.backward()
+        >>> float(out.objective) > -1e9
+        True
+        >>> _ = crit.update_xi()        # once per epoch
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        tau: float,
+        gamma: float,
+        xi: float,
+        zeta: float = 0.0,
+        zeta_lr: float | tuple[float, float] = 1e-3,
+        zeta_momentum: float = 0.9,
+        zeta_start_step: int = 0,
+        zeta_estimator: str = "seed",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        n = V.check_positive_int(num_samples, "num_samples", minimum=2)
+        self.num_samples = n
+        self.tau = _check_real(tau, "tau", lo=0.0, lo_open=True)
+        self.gamma = _check_real(gamma, "gamma", lo=0.0, lo_open=True, hi=1.0)
+        self.xi_init = _check_xi(xi, "xi")
+        zeta = _check_real(zeta, "zeta")
+        self.zeta_lr = zeta_lr
+        self.zeta_momentum_rate = _check_real(zeta_momentum, "zeta_momentum", lo=0.0, lo_open=True, hi=1.0)
+        self.zeta_start_step = V.check_positive_int(zeta_start_step, "zeta_start_step", minimum=0)
+        self.zeta_estimator = _check_estimator(zeta_estimator)
+        if dtype is None:
+            dtype = torch.get_default_dtype()
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise DTypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+        f = {"device": device, "dtype": dtype}
+        self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("visited", torch.zeros(n, dtype=torch.bool, device=device))
+        self.register_buffer("zeta_started", torch.zeros(n, dtype=torch.bool, device=device))
+        self.register_buffer("log_s", torch.full((2, n), _NEG_INF, **f))
+        self.register_buffer("zeta", torch.full((2, n), zeta, **f))
+        self.register_buffer("zeta_momentum", torch.zeros(2, n, **f))
+        self.register_buffer("xi", torch.full((2,), self.xi_init, **f))
+        self._zeta_init = zeta
+
+    # -- views of the state by side (row 0: used by the anchors x, row 1: by the anchors y)
+    log_s_x = property(lambda self: self.log_s[0], doc="(n,) log(s/(B−1)) of the anchors x_i (a view).")
+    log_s_y = property(lambda self: self.log_s[1], doc="(n,) log(s/(B−1)) of the anchors y_i (a view).")
+    zeta_x = property(lambda self: self.zeta[1], doc="(n,) ζ of the x_i, used by the anchors y (a view).")
+    zeta_y = property(lambda self: self.zeta[0], doc="(n,) ζ of the y_i, used by the anchors x (a view).")
+    zeta_momentum_x = property(lambda self: self.zeta_momentum[1], doc="(n,) ζ momentum of the x_i (a view).")
+    zeta_momentum_y = property(lambda self: self.zeta_momentum[0], doc="(n,) ζ momentum of the y_i (a view).")
+    xi_x = property(lambda self: self.xi[1], doc="() ξ of the x's, in the offset of the anchors y (a view).")
+    xi_y = property(lambda self: self.xi[0], doc="() ξ of the y's, in the offset of the anchors x (a view).")
+
+    # -- hyperparameters
+    @property
+    def zeta_lr(self) -> tuple[float, float]:
+        """(η_x, η_y): the ζ step sizes of the x's and of the y's."""
+        return self._zeta_lr
+
+    @zeta_lr.setter
+    def zeta_lr(self, value: float | tuple[float, float]) -> None:
+        if isinstance(value, (tuple, list)):
+            if len(value) != 2:
+                raise ShapeError(f"zeta_lr: expected a number or a pair (lr_x, lr_y), got {len(value)} values")
+            self._zeta_lr = (_check_real(value[0], "zeta_lr[0]", lo=0.0), _check_real(value[1], "zeta_lr[1]", lo=0.0))
+        else:
+            v = _check_real(value, "zeta_lr", lo=0.0)
+            self._zeta_lr = (v, v)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_samples={self.num_samples}, tau={self.tau}, gamma={self.gamma}, xi={self.xi_init}, "
+            f"zeta={self._zeta_init}, zeta_lr={self.zeta_lr}, zeta_momentum={self.zeta_momentum_rate}, "
+            f"zeta_start_step={self.zeta_start_step}, zeta_estimator={self.zeta_estimator!r}"
+        )
+
+    # -- state
+    @torch.no_grad()
+    def update_xi(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set ξ_x = max(ξ_0, max ζ_x) and ξ_y = max(ξ_0, max ζ_y); call once per epoch.
+
+        Returns:
+            ``(xi_x, xi_y)``, detached copies of the new values (``()`` each).
+        """
+        self.xi.copy_(self.zeta.amax(1).clamp_(min=self.xi_init))
+        return self.xi_x.clone(), self.xi_y.clone()
+
+    @torch.no_grad()
+    def reset_state(self) -> None:
+        """Forget everything learnt: s unvisited, ζ = its initial value, ξ = ξ_0, step 0."""
+        self.step.zero_()
+        self.visited.zero_()
+        self.zeta_started.zero_()
+        self.log_s.fill_(_NEG_INF)
+        self.zeta.fill_(self._zeta_init)
+        self.zeta_momentum.zero_()
+        self.xi.fill_(self.xi_init)
+
+    # -- forward
+    def forward(self, sim: torch.Tensor, index: torch.Tensor) -> DPMOutput:
+        """One step; see the class docstring.  Returns a :class:`DPMOutput`."""
+        n = self.num_samples
+        B = _check_sim_shape(sim, n)
+        if sim.device != self.log_s.device:
+            raise DeviceError(
+                f"sim is on device {sim.device} but the DPMLoss state is on {self.log_s.device}; "
+                f"move the loss with .to({str(sim.device)!r})"
+            )
+        index = _check_index(index, B, n, sim.device)
+        wd = _work_dtype(sim.dtype, self.log_s.dtype)
+        # sim's values are checked after the fact: a NaN or ±inf anywhere in sim shows in
+        # lse or in the surrogate's value, and only then is sim inspected (and, if it
+        # merely holds −inf pairs, the step recomputed on the masked path).
+        out, log_u, zeta_b, g_zeta, ok = self._step(sim, index, B, wd, masked=False)
+        if not ok:
+            if not _sim_has_neginf(sim):  # raises on NaN, +inf or a non-finite diagonal
+                raise DomainError(
+                    f"sim: sim / tau overflows (tau = {self.tau}, max |sim| = {float(sim.detach().abs().max())}); "
+                    f"expected |sim| / tau within the range of {wd}"
+                )
+            out, log_u, zeta_b, g_zeta, _ = self._step(sim, index, B, wd, masked=True)
+        if self.training:
+            self._write_state(index, log_u, zeta_b, g_zeta)
+        return out
+
+    def _step(self, sim, index, B, wd, masked):
+        tau, g, buf = self.tau, self.gamma, self._buffers
+        zeta_b = _as(buf["zeta"].index_select(1, index), wd)
+        nzs = zeta_b.div(-tau)
+        pi_x, pi_y, lse = _marginals(sim, nzs, tau, wd, masked)
+        # The state holds u = s/(B − 1), the moving average of the mean over the
+        # negatives, so that batches of different sizes share one estimate.
+        log_b = math.log(B - 1)
+        fresh = lse - log_b
+        log_keep = math.log1p(-g) if g < 1.0 else _NEG_INF
+        mixed = ls.logaddexp(_as(buf["log_s"].index_select(1, index), wd).add_(log_keep), fresh + math.log(g))
+        log_u = torch.where(buf["visited"].index_select(0, index), mixed, fresh)
+        out, g_zeta = _finish(sim, pi_x, pi_y, lse, log_u + log_b, nzs, _as(buf["xi"], wd), tau, self.num_samples,
+                              self.zeta_estimator, masked)
+        ok = masked or math.isfinite((lse.sum() + out.surrogate.detach()).item())
+        return out, log_u, zeta_b, g_zeta, ok
+
+    def _write_state(self, index, log_u, zeta_b, g_zeta) -> None:
+        """Store s, and from ``zeta_start_step`` on take the ζ momentum step."""
+        buf = self._buffers
+        dt = buf["log_s"].dtype
+        buf["log_s"].index_copy_(1, index, _as(log_u, dt))
+        buf["visited"].index_fill_(0, index, True)
+        if int(buf["step"]) >= self.zeta_start_step:
+            u_old = _as(buf["zeta_momentum"].index_select(1, index), g_zeta.dtype)
+            # u ← (1 − θ) u + θ n Ĝ_ζ, and u = n Ĝ_ζ on an index's first step
+            started = buf["zeta_started"].index_select(0, index)
+            u = torch.where(started, torch.lerp(u_old, g_zeta, self.zeta_momentum_rate), g_zeta)
+            lr_x, lr_y = self.zeta_lr
+            if lr_x == lr_y:
+                new = torch.sub(zeta_b, u, alpha=lr_x)
+            else:  # row 0 holds ζ of the y's
+                new = torch.addcmul(zeta_b, u, torch.tensor([[-lr_y], [-lr_x]], dtype=u.dtype, device=u.device))
+            buf["zeta_momentum"].index_copy_(1, index, _as(u, dt))
+            buf["zeta"].index_copy_(1, index, _as(new, dt))
+            buf["zeta_started"].index_fill_(0, index, True)
+        buf["step"].add_(1)
+
+
+# ---------------------------------------------------------------------------- distributed
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        shape = torch.tensor(list(x.shape), dtype=torch.long, device=x.device)
+        shapes = [torch.empty_like(shape) for _ in range(world)]
+        dist.all_gather(shapes, shape, group=group)
+        shapes = [tuple(s.tolist()) for s in shapes]
+        for r, s in enumerate(shapes):
+            if s[1:] != tuple(x.shape[1:]):
+                raise ShapeError(
+                    f"x: expected every rank to share the trailing shape {V.fmt_shape(x.shape[1:])}, "
+                    f"rank {r} has {V.fmt_shape(s)}"
+                )
+        sizes = [s[0] for s in shapes]
+        m = max(sizes)
+        padded = x.new_zeros((m,) + tuple(x.shape[1:]))
+        padded[: x.shape[0]] = x
+        bufs = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(bufs, padded, group=group)
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        return torch.cat([b[:s] for b, s in zip(bufs, sizes)])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        return total[start : start + ctx.sizes[ctx.rank]], None
+
+
+def all_gather_with_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, with a gradient.
+
+    The forward is an all-gather (ranks may hold different numbers of rows: no
+    drop_last needed).  The backward sums the incoming gradients over the ranks and
+    returns each rank its own rows, so with every rank computing the same loss on
+    the gathered batch and DDP averaging the parameter gradients, the result equals
+    the gradient of one process on the concatenated batch.  Integer tensors (the
+    dataset indices) pass through without a gradient.  Without an initialised
+    process group (one process) ``x`` is returned unchanged.
+
+    Args:
+        x: ``(b_r, *rest)`` on this rank; ``rest`` equal on every rank.
+        group: a process group (default: the world).
+    Returns:
+        ``(Σ_r b_r, *rest)``, the ranks' rows in rank order.
+    Complexity:
+        two all-gathers forward (shapes, then data padded to the largest b_r) and one
+        all-reduce backward.
+    Example:
+        >>> import torch
+        >>> from structgrad.dpm import all_gather_with_grad
+        >>> all_gather_with_grad(torch.ones(2, 3)).shape   # no process group: unchanged
+        torch.Size([2, 3])
+    """
+    if not isinstance(x, torch.Tensor):
+        raise DTypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ShapeError(f"x: expected at least one dimension (rows to gather), got shape {V.fmt_shape(x.shape)}")
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    return _AllGather.apply(x, group)
