@@ -51,18 +51,30 @@ def _peers():
     return torch_struct, CRF
 
 
-def interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
-    """Median seconds per call of each function, calls interleaved round by round."""
+_SYNC = lambda: None  # noqa: E731  (torch.cuda.synchronize when timing on a GPU)
+
+
+def interleaved(fns: dict, rounds: int, warmup: int = 1, budget: float = 60.0) -> dict:
+    """Median seconds per call of each function, calls interleaved round by round.
+
+    The number of rounds is cut (to no fewer than 3) so that one set of rounds takes
+    about ``budget`` seconds: torch-struct needs about a minute per call at C = 64.
+    """
     names = list(fns)
+    t0 = time.perf_counter()
     for _ in range(warmup):
         for n in names:
             fns[n]()
+    per_round = (time.perf_counter() - t0) / max(warmup, 1)
+    rounds = max(3, min(rounds, int(budget / max(per_round, 1e-9))))
     times = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
+            _SYNC()
             t0 = time.perf_counter()
             fns[n]()
+            _SYNC()
             times[n].append(time.perf_counter() - t0)
     return {n: statistics.median(v) for n, v in times.items()}
 
@@ -74,22 +86,22 @@ def torch_struct_potentials(node: torch.Tensor, edge: torch.Tensor) -> torch.Ten
     return phi.transpose(-1, -2).contiguous()
 
 
-def run(shapes, rounds: int) -> list[dict]:
+def run(shapes, rounds: int, device: str = "cpu") -> list[dict]:
     torch_struct, CRF = _peers()
     chain = sg.get_solver("chain")
     rows = []
     for B, T, C in shapes:
         g = torch.Generator().manual_seed(0)
-        node = torch.randn(B, T, C, generator=g)
-        edge = torch.randn(B, T - 1, C, C, generator=g)
-        shared = torch.randn(C, C, generator=g)
-        tags = torch.randint(C, (B, T), generator=g)
+        node = torch.randn(B, T, C, generator=g).to(device)
+        edge = torch.randn(B, T - 1, C, C, generator=g).to(device)
+        shared = torch.randn(C, C, generator=g).to(device)
+        tags = torch.randint(C, (B, T), generator=g).to(device)
         phi = torch_struct_potentials(node, edge)
 
         # --- same numbers first
         lz = chain.log_partition((node, edge))
         lz_ts = torch_struct.LinearChainCRF(phi).partition
-        crf = CRF(C, batch_first=True)
+        crf = CRF(C, batch_first=True).to(device)
         with torch.no_grad():
             crf.transitions.copy_(shared)
             crf.start_transitions.zero_()
@@ -104,7 +116,7 @@ def run(shapes, rounds: int) -> list[dict]:
         ok = {
             "logZ vs torch-struct": float((lz - lz_ts).detach().abs().max()),
             "nll vs pytorch-crf": float((nll_sg - nll_crf).detach().abs().max()),
-            "viterbi vs pytorch-crf (label mismatches)": float((map_sg != torch.tensor(path_crf)).sum()),
+            "viterbi vs pytorch-crf (label mismatches)": float((map_sg.cpu() != torch.tensor(path_crf)).sum()),
         }
 
         # --- timings
@@ -152,8 +164,9 @@ def _quiet(f, *a):
         return f(*a)
 
 
-def report(rows) -> None:
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; medians in ms; ratio = peer / structgrad")
+def report(rows, device: str = "cpu") -> None:
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
+    print(f"torch {torch.__version__}, {where}; medians in ms; ratio = peer / structgrad")
     for r in rows:
         B, T, C = r["shape"]
         print(f"\n(B, T, C) = ({B}, {T}, {C})   checks: " + ", ".join(f"{k} {v:.2g}" for k, v in r["check"].items()))
@@ -180,13 +193,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (smoke run)")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.device == "cuda":
+        global _SYNC
+        _SYNC = torch.cuda.synchronize
     if args.quick:
         shapes, rounds = [(4, 16, 5)], 2
     else:
         shapes, rounds = [(32, 128, 16), (32, 128, 64), (1, 512, 32)], args.rounds
-    report(run(shapes, rounds))
+    report(run(shapes, rounds, args.device), args.device)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from structgrad import _validate as V
@@ -101,7 +100,7 @@ class _Problem:
     accuracy even for scores of order 1e2–1e4).
     """
 
-    def __init__(self, node: torch.Tensor, edge: torch.Tensor, lengths: torch.Tensor | None, *, check: bool = True):
+    def __init__(self, node: torch.Tensor, edge: torch.Tensor, lengths: torch.Tensor | None):
         self.dtype = node.dtype
         self.batch = node.shape[:-2]
         self.T, self.C = node.shape[-2:]
@@ -118,14 +117,14 @@ class _Problem:
         # per-position maxima: validation (NaN / +inf propagate through amax) and shifts
         nmax = node.amax(-1) if node.numel() else node.new_zeros(node.shape[:-1])
         emax = edge.amax((-2, -1)) if edge.numel() else edge.new_zeros(edge.shape[:-2])
-        if check:
-            for nm, m in (("node", nmax), ("edge", emax)):
-                if bool(torch.isnan(m).any()) or bool(torch.isposinf(m).any()):
-                    raise DomainError(f"{nm}: expected scores in [-inf, +inf) without NaN, got NaN or +inf entries")
+        for nm, m in (("node", nmax), ("edge", emax)):
+            if bool(torch.isnan(m).any()) or bool(torch.isposinf(m).any()):
+                raise DomainError(f"{nm}: expected scores in [-inf, +inf) without NaN, got NaN or +inf entries")
         exp_ok = False
         wide = torch.float64 if self.dtype == torch.float64 else torch.float32
-        if edge.numel() == 0 or bool(torch.isfinite(edge.amin((-2, -1)) if edge.numel() else emax).all()):
-            erange = (emax - edge.amin((-2, -1))).max() if edge.numel() else torch.zeros(())
+        emin = edge.amin((-2, -1)) if edge.numel() else emax
+        if bool(torch.isfinite(emin).all()):
+            erange = (emax - emin).max() if emin.numel() else torch.zeros(())
             finite_min = node.masked_fill(torch.isneginf(node), float("inf")).amin(-1)
             nrange = torch.where(torch.isneginf(nmax), torch.zeros_like(nmax), nmax - finite_min)
             nrange = nrange.max() if nrange.numel() else torch.zeros(())
@@ -278,11 +277,18 @@ def _exp_forward(p: _Problem):
     return (alpha, s, P, K), c
 
 
-def _exp_backward(p: _Problem, state, weight):
+def _exp_backward(p: _Problem, state, weight, consume: bool):
     """β̂_t = K_t (W_{t+1} ⊙ β̂_{t+1}), W_t = P_t / s_t, β̂ = 1 at and past length − 1;
-    μ_t = α̂_t ⊙ β̂_t;  μ_t[i, j] = α̂_t[i] K_t[i, j] W_{t+1}[j] β̂_{t+1}[j]."""
+    μ_t = α̂_t ⊙ β̂_t;  μ_t[i, j] = α̂_t[i] K_t[i, j] W_{t+1}[j] β̂_{t+1}[j].
+    With ``consume`` the forward's buffers are reused in place (one-pass calls);
+    otherwise they are left intact (an autograd backward may run more than once)."""
     alpha, s, P, K = state
-    W = P.div_(s)  # P is not needed any more
+    if consume:
+        W = P.div_(s)
+    else:
+        W = P / s
+        if p.mode == "full":  # the edge-sized kernel is not kept from the forward
+            K = _exp_kernel(p)
     beta = torch.ones_like(alpha)
     u = torch.empty_like(alpha[0])
     keep = None
@@ -384,12 +390,13 @@ def _forward(p: _Problem):
     return (alpha, c), c
 
 
-def _backward(p: _Problem, state, weight=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """β pass and marginals (node (B, T, C), edge) in the compute dtype; consumes ``state``.
+def _backward(p: _Problem, state, weight=None, consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """β pass and marginals (node (B, T, C), edge) in the compute dtype.
     With ``weight`` (B,), batch-less edge marginals come summed over the batch with
-    those weights (the backward of a shared edge)."""
+    those weights (the backward of a shared edge).  ``consume``: ``state`` may be
+    overwritten (it is not used again)."""
     if p.path == "exp":
-        return _exp_backward(p, state, weight)
+        return _exp_backward(p, state, weight, consume)
     alpha, c = state
     return _log_marginals(p, alpha, c, _log_beta(p), weight)
 
@@ -408,6 +415,8 @@ class _ChainLogPartition(torch.autograd.Function):
     def forward(ctx, node: torch.Tensor, edge: torch.Tensor, p: _Problem) -> torch.Tensor:
         state, c = _forward(p)
         if any(ctx.needs_input_grad[:2]):
+            if p.path == "exp" and p.mode == "full":
+                state = state[:3] + (None,)  # the backward rebuilds the edge-sized kernel
             ctx.problem, ctx.state = p, state  # detached, compute-dtype buffers for the β pass
         ctx.shapes = (node.shape, edge.shape, node.dtype, edge.dtype)
         return _log_z(p, c).reshape(p.batch).to(p.dtype)
@@ -416,11 +425,10 @@ class _ChainLogPartition(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         p, state = ctx.problem, ctx.state
-        del ctx.state  # the β pass consumes these buffers
         node_shape, edge_shape, node_dtype, edge_dtype = ctx.shapes
         g = grad.reshape(-1).to(p.cdtype)
         shared = p.mode != "full"
-        mu, emu = _backward(p, state, weight=g if shared else None)
+        mu, emu = _backward(p, state, weight=g if shared else None, consume=False)
         g_node = (mu * g.view(-1, 1, 1)).reshape(node_shape).to(node_dtype)
         if shared:
             g_edge = emu.to(edge_dtype)
@@ -493,7 +501,7 @@ class ChainSolver(Solver):
         p = self._problem(theta, lengths)
         state, c = _forward(p)
         logz = _log_z(p, c).reshape(p.batch).to(p.dtype)
-        mu, emu = _backward(p, state)
+        mu, emu = _backward(p, state, consume=True)
         return logz, (p.unflatten(mu, (p.T, p.C)), p.unflatten(emu, p.edge_event()))
 
     def _marginals(self, theta: Any, lengths: torch.Tensor | None = None):
@@ -537,9 +545,10 @@ def _viterbi(p: _Problem) -> torch.Tensor:
     """Best labels (B, T) by max-product, −1 past the length and for infeasible instances.
 
     Forward: v_t[j] = max_i (v_{t−1}[i] + edge_{t−1}[i, j]) + node_t[j] (time-major,
-    re-centred every 16 steps).  No back-pointer table: back-tracking recomputes
-    y_t = argmax_i (v_t[i] + edge_t[i, y_{t+1}]) for the chosen y_{t+1} only (lowest i
-    on ties), in NumPy on the CPU."""
+    re-centred every 16 steps).  On the CPU there is no back-pointer table:
+    back-tracking recomputes y_t = argmax_i (v_t[i] + edge_t[i, y_{t+1}]) for the chosen
+    y_{t+1} only (lowest i on ties), in NumPy.  On a GPU the forward keeps back-pointers
+    (T, B, C), which are copied to the host once and followed there."""
     B, T, C = p.B, p.T, p.C
     dev = p.node.device
     node = p.node.transpose(0, 1).contiguous()  # (T, B, C)
@@ -548,10 +557,15 @@ def _viterbi(p: _Problem) -> torch.Tensor:
     best = torch.empty((B, C), dtype=node.dtype, device=dev)
     vs, ns = v.unbind(0), node.unbind(0)
     es = [p.edge_at(t) for t in range(T - 1)]
+    on_cpu = dev.type == "cpu"
+    bp = None if on_cpu else torch.zeros((T, B, C), dtype=torch.long, device=dev)
     vs[0].copy_(ns[0])
     for t in range(1, T):
         torch.add(vs[t - 1].unsqueeze(2), es[t - 1], out=x)
-        torch.amax(x, dim=1, out=best)
+        if on_cpu:  # amax is much cheaper than max-with-indices here; argmax is redone on back-tracking
+            torch.amax(x, dim=1, out=best)
+        else:  # on a GPU the indices come free, and one transfer beats a kernel per back step
+            torch.max(x, dim=1, out=(best, bp[t]))
         torch.add(best, ns[t], out=vs[t])
         if t % 16 == 0:
             vs[t].sub_(_finite_or_zero_(vs[t].amax(-1, keepdim=True)))
@@ -560,18 +574,26 @@ def _viterbi(p: _Problem) -> torch.Tensor:
     v_end = v.gather(0, last.view(1, B, 1).expand(1, B, C)).squeeze(0)
     feasible = torch.isfinite(v_end.amax(-1)) & (L > 0)
     y_end = v_end.argmax(-1)
-    if dev.type == "cpu":
+    if on_cpu:
         labels = torch.from_numpy(_backtrack_numpy(p, v.numpy(), y_end.numpy(), L.numpy()))
     else:
-        labels = torch.full((B, T), -1, dtype=torch.long, device=dev)
-        rows = torch.arange(B, device=dev)
-        y = y_end
-        for t in range(T - 1, -1, -1):
-            if t + 1 < T:
-                cand = (v[t] + _edge_column(p, p.edge, t, y, rows)).argmax(1)
-                y = torch.where(t < L - 1, cand, y_end)
-            labels[:, t] = torch.where(t < L, y, torch.full_like(y, -1))
+        labels = torch.from_numpy(_follow_pointers(bp.cpu().numpy(), y_end.cpu().numpy(), L.cpu().numpy())).to(dev)
     return torch.where(feasible.unsqueeze(1), labels, torch.full_like(labels, -1))
+
+
+def _follow_pointers(bp, y_end, L):
+    """labels (B, T) from back-pointers bp (T, B, C): y_t = bp[t+1, y_{t+1}] for t < L − 1."""
+    T, B, _ = bp.shape
+    labels = np.full((B, T), -1, dtype=np.int64)
+    rows = np.arange(B)
+    inside = np.arange(T)[:, None] < (L - 1)[None, :]
+    valid = np.arange(T)[:, None] < L[None, :]
+    y = y_end
+    for t in range(T - 1, -1, -1):
+        if t + 1 < T:
+            y = np.where(inside[t], bp[t + 1][rows, y], y_end)
+        labels[:, t] = np.where(valid[t], y, -1)
+    return labels
 
 
 def _edge_column(p: _Problem, E, t: int, y, rows):

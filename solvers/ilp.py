@@ -59,7 +59,15 @@ possible cost overflow, go to CP-SAT.  The resolved backend is ``solver.method``
 (``"assignment"`` or ``"cp-sat"``); ``method="cp-sat"`` forces CP-SAT, and
 ``method="assignment"`` insists on the assignment solver (a
 :class:`~structgrad.errors.DomainError` if the rule does not hold).  The time
-limit does not apply to the assignment solver, which is polynomial.
+limits do not apply to the assignment solver, which is polynomial.
+
+Time limits.  ``time_limit`` bounds each CP-SAT solve in wall-clock seconds, so what
+it returns depends on the machine's speed and load; ``deterministic_time_limit``
+bounds CP-SAT's deterministic time (its ``max_deterministic_time``, a count of work
+that does not depend on the machine), so a time-out with it is reproducible.  On a
+time-out the best z found so far is returned, flagged ``optimal=False`` by
+:meth:`ILPSolver.solve`; if none was found,
+:class:`~structgrad.errors.SolverTimeoutError` is raised.
 
 Every returned z is checked against the constraints and the fixed variables with
 exact integer arithmetic (:class:`~structgrad.errors.SolverOutputError` if a
@@ -95,7 +103,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from structgrad._validate import fmt_shape
+from structgrad._validate import check_positive_int, fmt_shape
 from structgrad.errors import (
     DomainError,
     DTypeError,
@@ -123,8 +131,9 @@ class ILPResult:
     Attributes:
         z: ``(*b, n)`` the solutions, θ's dtype and device (as :meth:`ILPSolver.map`).
         value: ``(*b,)`` the objective ⟨z, θ⟩ (``0 · (−inf)`` counts as 0).
-        optimal: ``(*b,)`` bool; False where a time limit stopped CP-SAT with a
-            feasible but unproven solution.
+        optimal: ``(*b,)`` bool; False where a time limit (``time_limit`` or
+            ``deterministic_time_limit``) stopped CP-SAT with a feasible but
+            unproven solution.
     """
 
     z: torch.Tensor
@@ -189,6 +198,17 @@ def _pair(A: Any, b: Any, nameA: str, nameb: str) -> tuple[np.ndarray, np.ndarra
         r = int(size.argmax())
         raise DomainError(f"{nameA}: row {r} has Σ|coefficients| + |{nameb}[{r}]| ≈ {size[r]:.3g}, expected < 2^62 (int64 overflow)")
     return Am, bm
+
+
+def _time_limit(x: Any, name: str, unit: str) -> float | None:
+    """``None`` or a finite number > 0, as a float."""
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)):
+        raise DTypeError(f"{name}: expected a number of {unit} or None, got {type(x).__name__}")
+    if not (np.isfinite(x) and x > 0):
+        raise DomainError(f"{name}: expected a finite number of {unit} > 0, got {x}")
+    return float(x)
 
 
 def _available_cores() -> int:
@@ -306,10 +326,19 @@ class ILPSolver(Solver):
         b: ``(m,)`` integer right-hand sides.
         A_eq: ``(p, n)`` integer coefficients of the equality rows (optional).
         b_eq: ``(p,)`` integer right-hand sides of the equality rows.
-        time_limit: seconds per instance for CP-SAT (``None``: no limit).  On a time-out
-            the best solution found is returned (see :meth:`solve` for the flag), or
-            :class:`~structgrad.errors.SolverTimeoutError` if none was found.  With a
-            time limit the declared MAP capability is ``"approximate"``.
+        time_limit: wall-clock seconds per instance for CP-SAT (``None``: no limit).
+            On a time-out the best solution found is returned (see :meth:`solve` for
+            the flag), or :class:`~structgrad.errors.SolverTimeoutError` if none was
+            found.  With a time limit the declared MAP capability is ``"approximate"``.
+            Which solution comes back depends on the machine's speed and load.
+        deterministic_time_limit: a limit per instance on CP-SAT's *deterministic
+            time* (its ``max_deterministic_time`` parameter: a count of the work done,
+            in units roughly comparable to seconds, that does not depend on the
+            machine or its load); ``None``: no limit.  Time-outs behave as with
+            ``time_limit``, but reproducibly: with one worker per solve the same
+            instance, limit and OR-Tools version always give the same z, the same
+            ``optimal`` flag, or the same :class:`~structgrad.errors.SolverTimeoutError`.
+            Both limits may be given; whichever is reached first stops the solve.
         num_threads: threads solving the instances of a batch in parallel, each with
             its own model and one CP-SAT worker (``None``: the cores available to this
             process, at most the batch size).
@@ -324,8 +353,8 @@ class ILPSolver(Solver):
     Attributes:
         n: the number of variables.  A, b, A_eq, b_eq: read-only int64 copies of the
         constraints (empty ``(0, n)``/``(0,)`` when not given).  method: the resolved
-        backend, ``"assignment"`` or ``"cp-sat"``.  time_limit, num_threads,
-        objective_bits: the options.
+        backend, ``"assignment"`` or ``"cp-sat"``.  time_limit,
+        deterministic_time_limit, num_threads, objective_bits: the options.
 
     Raises (at construction):
         ShapeError: A/b/A_eq/b_eq of the wrong shape, or only one of a pair given.
@@ -334,7 +363,11 @@ class ILPSolver(Solver):
     Raises (per call):
         ShapeError: θ's last dimension is not n.  DomainError: NaN in θ.
         InfeasibleError: an instance has no feasible z.
-        SolverTimeoutError: the time limit hit before any feasible z was found.
+        SolverTimeoutError: a time limit hit before any feasible z was found.
+
+    Copying: an ``ILPSolver`` can be pickled and deep-copied; the copy rebuilds its
+    own CP-SAT model (and its lock and pool of per-thread models) from the stored
+    constraints and options.
 
     Example:
         >>> import torch, structgrad as sg
@@ -355,6 +388,7 @@ class ILPSolver(Solver):
         b_eq: Any = None,
         *,
         time_limit: float | None = None,
+        deterministic_time_limit: float | None = None,
         num_threads: int | None = None,
         objective_bits: int = 30,
         method: str = "auto",
@@ -377,24 +411,13 @@ class ILPSolver(Solver):
         self.A_eq, self.b_eq = eq or empty
         self.n = int(n)
 
-        if time_limit is not None:
-            if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float, np.floating, np.integer)):
-                raise DTypeError(f"time_limit: expected a number of seconds or None, got {type(time_limit).__name__}")
-            if not (np.isfinite(time_limit) and time_limit > 0):
-                raise DomainError(f"time_limit: expected a finite number of seconds > 0, got {time_limit}")
-            time_limit = float(time_limit)
-        self.time_limit = time_limit
-        if num_threads is not None:
-            if isinstance(num_threads, bool) or not hasattr(num_threads, "__index__"):
-                raise DTypeError(f"num_threads: expected an integer or None, got {type(num_threads).__name__}")
-            if int(num_threads) < 1:
-                raise DomainError(f"num_threads: expected an integer >= 1, got {int(num_threads)}")
-            num_threads = int(num_threads)
-        self.num_threads = num_threads
-        if isinstance(objective_bits, bool) or not hasattr(objective_bits, "__index__"):
-            raise DTypeError(f"objective_bits: expected an integer, got {type(objective_bits).__name__}")
-        objective_bits = int(objective_bits)
-        if objective_bits < 1 or max(self.n, 1) * 2.0**objective_bits >= _MAX_ABS:
+        self.time_limit = _time_limit(time_limit, "time_limit", "seconds")
+        self.deterministic_time_limit = _time_limit(
+            deterministic_time_limit, "deterministic_time_limit", "deterministic time units"
+        )
+        self.num_threads = None if num_threads is None else check_positive_int(num_threads, "num_threads")
+        objective_bits = check_positive_int(objective_bits, "objective_bits")
+        if max(self.n, 1) * 2.0**objective_bits >= _MAX_ABS:
             raise DomainError(
                 f"objective_bits: expected 1 <= P with n * 2^P < 2^62 (n = {self.n}), got {objective_bits}"
             )
@@ -425,12 +448,31 @@ class ILPSolver(Solver):
             )
         self._plan = plan
         self.method = "assignment" if plan is not None else "cp-sat"
-        if time_limit is not None:
+        if self._limited:
             self.capabilities = Capabilities(map="approximate", devices=("cpu", "cuda"), batched=False)
+        self._build_model()
 
+    # ------------------------------------------------------------------ copying
+    def __getstate__(self) -> dict:
+        # The OR-Tools objects, the lock and the queue of per-thread models cannot be
+        # pickled or deep-copied; they are rebuilt from the constraints on arrival.
+        state = self.__dict__.copy()
+        for k in ("_cp", "_base", "_slots", "_slot_lock", "_empty_row_infeasible"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._build_model()
+
+    def _build_model(self) -> None:
+        """Build the pristine CP-SAT model from the constraints, and the pool of copies."""
         # The CP-SAT model is built once, here; threads get copies of it (see _acquire).
         from ortools.sat.python import cp_model  # lazy: `import structgrad` never imports ortools
 
+        rows = np.concatenate([self.A, self.A_eq])
+        rhs = np.concatenate([self.b, self.b_eq])
+        is_eq = np.concatenate([np.zeros(len(self.b), dtype=bool), np.ones(len(self.b_eq), dtype=bool)])
         self._cp = cp_model
         model = cp_model.CpModel()
         x = [model.new_bool_var(f"z{i}") for i in range(self.n)]
@@ -478,8 +520,13 @@ class ILPSolver(Solver):
     def __repr__(self) -> str:
         return (
             f"ILPSolver(n={self.n}, m={self.A.shape[0]}, p={self.A_eq.shape[0]}, method={self.method!r}, "
-            f"time_limit={self.time_limit}, num_threads={self.num_threads})"
+            f"time_limit={self.time_limit}, deterministic_time_limit={self.deterministic_time_limit}, "
+            f"num_threads={self.num_threads})"
         )
+
+    @property
+    def _limited(self) -> bool:
+        return self.time_limit is not None or self.deterministic_time_limit is not None
 
     # ------------------------------------------------------------------ hooks
     def _map(self, theta: torch.Tensor) -> torch.Tensor:
@@ -528,8 +575,11 @@ class ILPSolver(Solver):
                     + (f": {why}" if why else "")
                 )
             if status[i] == _TIMEOUT:
+                limits = [f"time_limit={self.time_limit} s"] if self.time_limit is not None else []
+                if self.deterministic_time_limit is not None:
+                    limits.append(f"deterministic_time_limit={self.deterministic_time_limit}")
                 raise SolverTimeoutError(
-                    f"theta {where}: CP-SAT found no feasible z within time_limit={self.time_limit} s; "
+                    f"theta {where}: CP-SAT found no feasible z within {' and '.join(limits)}; "
                     f"raise the time limit"
                 )
             raise SolverOutputError(f"theta {where}: CP-SAT ended with an unexpected status")  # pragma: no cover
@@ -594,6 +644,8 @@ class ILPSolver(Solver):
         solver.parameters.num_workers = 1
         if self.time_limit is not None:
             solver.parameters.max_time_in_seconds = self.time_limit
+        if self.deterministic_time_limit is not None:
+            solver.parameters.max_deterministic_time = self.deterministic_time_limit
         return _Slot(model, solver)
 
     def _acquire(self) -> _Slot:
@@ -631,7 +683,7 @@ class ILPSolver(Solver):
             zero = np.zeros(self.n, dtype=np.int64)
             if st == cp.INFEASIBLE:
                 return zero, _INFEASIBLE
-            if st == cp.UNKNOWN and self.time_limit is not None:
+            if st == cp.UNKNOWN and self._limited:
                 return zero, _TIMEOUT
             return zero, _OTHER  # pragma: no cover
         finally:

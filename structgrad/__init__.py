@@ -7,6 +7,8 @@ gradient of the log-partition is the vector of marginals.  Solvers compute
 turn them into gradients.  See README.md.
 """
 
+from .adapters import PerInstanceSolver, per_instance_solver
+from .dpm import DPMLoss, DPMOutput, all_gather_with_grad, dpm_surrogate
 from .errors import (
     CapabilityError,
     DeviceError,
@@ -22,31 +24,40 @@ from .errors import (
 )
 from .labels import chain_indicators, chain_labels
 from .nll import nll
+from .rbm import BernoulliRBM, ReplicatedSoftmax
 from .registry import get_solver, list_solvers, register_solver, unregister_solver
 from .solver import Capabilities, MapSolver, Solver
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BernoulliRBM",
     "Capabilities",
     "CapabilityError",
+    "DPMLoss",
+    "DPMOutput",
     "DTypeError",
     "DeviceError",
     "DomainError",
     "GraphError",
     "InfeasibleError",
     "MapSolver",
+    "PerInstanceSolver",
+    "ReplicatedSoftmax",
     "ShapeError",
     "Solver",
     "SolverOutputError",
     "SolverTimeoutError",
     "StructgradError",
     "UnknownSolverError",
+    "all_gather_with_grad",
     "chain_indicators",
     "chain_labels",
+    "dpm_surrogate",
     "get_solver",
     "list_solvers",
     "nll",
+    "per_instance_solver",
     "register_solver",
     "unregister_solver",
 ]

@@ -17,9 +17,22 @@ subclass, registered by name).
 What ``fn`` receives: θ_i as a read-only NumPy array (float16/32/64 keep their
 dtype; bfloat16 becomes float32), on the CPU whatever θ's device; for a θ given as
 a tuple of tensors, a tuple of arrays (a leaf given without batch dimensions is
-shared: every instance gets all of it).  Keyword arguments of the call whose
-leading dimensions equal the batch shape are indexed per instance (tensors become
-NumPy arrays); others are passed unchanged.
+shared: every instance gets all of it).
+
+Keyword arguments of the call (``solver.map(theta, k=..., A=...)``) are shared by
+every instance unless named in ``batched_kwargs``; nothing is guessed from shapes.
+
+* A keyword named in ``batched_kwargs`` is per instance: it must be a tensor, a
+  NumPy array or a nested list whose leading dimensions are θ's batch shape
+  (else :class:`~structgrad.errors.ShapeError`), and instance ``i`` gets ``v[i]``.
+  A keyword in ``batched_kwargs`` that the call omits is simply not passed.
+* Every other keyword reaches every instance whole, whatever its shape (a shared
+  matrix ``A (m, n)`` stays ``(m, n)`` even when the batch shape is ``(m,)``).
+
+Tensors (per-instance or shared) reach ``fn`` as read-only NumPy arrays, converted
+like θ; NumPy arrays as read-only views.  ``fn`` therefore cannot modify the
+caller's data.  Other values (numbers, strings, lists given as shared, objects) are
+passed as they are.
 
 What ``fn`` may return: a NumPy array, a tensor (any dtype, any device) or a
 scalar, of the instance's event shape (a tuple for tuple θ).  The result is
@@ -50,7 +63,7 @@ import numpy as np
 import torch
 
 from . import _validate as V
-from .errors import DomainError, DTypeError, SolverOutputError
+from .errors import DomainError, DTypeError, ShapeError, SolverOutputError
 from .solver import Capabilities, Solver, check_map_output
 
 __all__ = ["PerInstanceSolver", "per_instance_solver"]
@@ -69,6 +82,56 @@ def _numpy_view(t: torch.Tensor) -> np.ndarray:
     return arr
 
 
+def _read_only(v: Any) -> Any:
+    """Tensors as read-only NumPy arrays, NumPy arrays as read-only views; others unchanged."""
+    if isinstance(v, torch.Tensor):
+        return _numpy_view(v)
+    if isinstance(v, np.ndarray):
+        v = v.view()
+        v.flags.writeable = False
+    return v
+
+
+def _batched_kwarg(name: str, v: Any, batch: tuple[int, ...]) -> np.ndarray:
+    """A per-instance keyword as a read-only array whose leading dims are ``batch``."""
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        arr = _read_only(v)
+    else:
+        try:
+            arr = np.array(v)
+        except (ValueError, TypeError) as e:
+            raise ShapeError(
+                f"{name}: expected an array with leading dims {V.fmt_shape(batch)} (the batch shape of theta; "
+                f"{name} is in batched_kwargs), got {type(v).__name__} ({e})"
+            ) from None
+        arr.flags.writeable = False
+    if tuple(arr.shape[: len(batch)]) != batch:
+        raise ShapeError(
+            f"{name}: expected shape ({', '.join(str(b) for b in batch)}, ...) with leading dims the batch "
+            f"shape of theta {V.fmt_shape(batch)} ({name} is in batched_kwargs; nothing is broadcast), "
+            f"got {V.fmt_shape(arr.shape)}"
+        )
+    return arr
+
+
+def _names(batched_kwargs: Any) -> tuple[str, ...]:
+    """``batched_kwargs`` as a tuple of names (a single string is one name)."""
+    if isinstance(batched_kwargs, str):
+        batched_kwargs = (batched_kwargs,)
+    try:
+        names = tuple(batched_kwargs)
+    except TypeError:
+        raise DTypeError(
+            f"batched_kwargs: expected a tuple of keyword-argument names, got {type(batched_kwargs).__name__}"
+        ) from None
+    for k in names:
+        if not isinstance(k, str) or not k.isidentifier():
+            raise DTypeError(f"batched_kwargs: expected keyword-argument names (identifiers), got {k!r}")
+    if len(set(names)) != len(names):
+        raise DomainError(f"batched_kwargs: expected distinct names, got {names!r}")
+    return names
+
+
 def _writable(z: Any) -> Any:
     """A copy of a read-only NumPy array (e.g. ``fn`` returned its input), else ``z``."""
     if isinstance(z, np.ndarray) and not z.flags.writeable:
@@ -85,12 +148,16 @@ class PerInstanceSolver(Solver):
             leaf of a tuple θ); default 1, i.e. θ ``(*batch, n)``.
         threads: ``None`` or 1: call ``fn`` in order in the calling thread; k ≥ 2:
             over a pool of k threads (useful when ``fn`` releases the GIL).
+        batched_kwargs: names of the keyword arguments that are per instance (leading
+            dims = θ's batch shape, indexed for each call of ``fn``); every other
+            keyword is passed whole to every instance.  A string is one name.
         name: label in error messages and ``repr`` (default: ``fn.__name__``).
         exact: whether ``fn`` solves the MAP exactly (the declared capability).
         binary: check that every returned value is 0 or 1.
 
     Shapes:
         θ: ``(*batch, *event)`` (leaf by leaf) → ``map``: the same, θ's dtype and device.
+        a keyword in ``batched_kwargs``: ``(*batch, ...)``; ``fn`` gets ``(...)``.
 
     Complexity: one call of ``fn`` per instance, plus O(size of θ) to convert and check.
     """
@@ -103,35 +170,33 @@ class PerInstanceSolver(Solver):
         *,
         event_ndim: int | tuple[int, ...] = 1,
         threads: int | None = None,
+        batched_kwargs: tuple[str, ...] | str = (),
         name: str | None = None,
         exact: bool = True,
         binary: bool = True,
     ):
         if not callable(fn):
             raise DTypeError(f"fn: expected a callable theta_i -> z_i (one instance, NumPy), got {type(fn).__name__}")
-        nds = (event_ndim,) if not isinstance(event_ndim, (tuple, list)) else tuple(event_ndim)
+        multi = isinstance(event_ndim, (tuple, list))
+        nds = tuple(event_ndim) if multi else (event_ndim,)
         if not nds:
             raise DomainError("event_ndim: expected an integer >= 0 or a non-empty tuple of them, got ()")
-        for k in nds:
-            if isinstance(k, bool) or not hasattr(k, "__index__"):
-                raise DTypeError(f"event_ndim: expected an integer >= 0 or a tuple of them, got {event_ndim!r}")
-            if int(k) < 0:
-                raise DomainError(f"event_ndim: expected integers >= 0, got {event_ndim!r}")
-        if threads is not None:
-            if isinstance(threads, bool) or not hasattr(threads, "__index__"):
-                raise DTypeError(f"threads: expected an integer >= 1 or None, got {type(threads).__name__}")
-            if int(threads) < 1:
-                raise DomainError(f"threads: expected an integer >= 1 or None, got {int(threads)}")
-            threads = int(threads)
+        nds = tuple(
+            V.check_positive_int(k, f"event_ndim[{i}]" if multi else "event_ndim", minimum=0) for i, k in enumerate(nds)
+        )
         self.fn = fn
-        self.event_ndim = int(nds[0]) if not isinstance(event_ndim, (tuple, list)) else tuple(int(k) for k in nds)
-        self.threads = threads
+        self.event_ndim = nds if multi else nds[0]
+        self.threads = None if threads is None else V.check_positive_int(threads, "threads")
+        self.batched_kwargs = _names(batched_kwargs)
         self.name = name or getattr(fn, "__name__", None) or type(fn).__name__
         self.binary = bool(binary)
         self.capabilities = Capabilities(map="exact" if exact else "approximate", batched=False)
 
     def __repr__(self) -> str:
-        return f"PerInstanceSolver(fn={self.name!r}, event_ndim={self.event_ndim!r}, threads={self.threads})"
+        return (
+            f"PerInstanceSolver(fn={self.name!r}, event_ndim={self.event_ndim!r}, threads={self.threads}, "
+            f"batched_kwargs={self.batched_kwargs!r})"
+        )
 
     def _map(self, theta: Any, **kwargs: Any) -> Any:
         batch = tuple(self._batch_shape(theta))
@@ -141,12 +206,8 @@ class PerInstanceSolver(Solver):
         shared = [i > 0 and p.dim() == k for i, (p, k) in enumerate(zip(parts, nds))]
         cpu = [p.detach().cpu() for p in parts]
         arrays = [_numpy_view(p) for p in cpu]
-        kw_batched = {
-            k: (_numpy_view(v) if isinstance(v, torch.Tensor) else v)
-            for k, v in kwargs.items()
-            if batch and tuple(getattr(v, "shape", ())[: len(batch)]) == batch
-        }
-        kw_plain = {k: v for k, v in kwargs.items() if k not in kw_batched}
+        kw_batched = {k: _batched_kwarg(k, v, batch) for k, v in kwargs.items() if k in self.batched_kwargs}
+        kw_plain = {k: _read_only(v) for k, v in kwargs.items() if k not in kw_batched}
         index = list(np.ndindex(*batch)) if batch else [()]
         num = len(index)
 
@@ -187,6 +248,7 @@ def per_instance_solver(
     *,
     event_ndim: int | tuple[int, ...] = 1,
     threads: int | None = None,
+    batched_kwargs: tuple[str, ...] | str = (),
     name: str | None = None,
     exact: bool = True,
     binary: bool = True,
@@ -200,6 +262,9 @@ def per_instance_solver(
         event_ndim: trailing event dims of θ (int, or a tuple per leaf); default 1.
         threads: ``None``/1: sequential; k ≥ 2: a pool of k threads (only useful when
             ``fn`` releases the GIL; ``fn`` must then be thread-safe).
+        batched_kwargs: names of the per-instance keyword arguments of a call: each
+            must have θ's batch shape as leading dims and ``fn`` gets its slice; all
+            other keywords reach every instance whole (module docstring).
         name: label in error messages (default ``fn.__name__``).
         exact: declare the MAP exact (``True``) or approximate.
         binary: check outputs are in {0, 1}.
@@ -209,12 +274,15 @@ def per_instance_solver(
         ``(*batch, *event)`` in θ's dtype and device; pass it as ``solver=`` anywhere.
 
     Raises:
-        DTypeError / DomainError: bad ``fn``, ``event_ndim`` or ``threads``.
+        DTypeError / DomainError: bad ``fn``, ``event_ndim``, ``threads`` or ``batched_kwargs``.
+        ShapeError (per call): a keyword in ``batched_kwargs`` whose leading dims are
+        not θ's batch shape.
         SolverOutputError (per call): ``fn`` returned a wrong shape/structure or a
         non-binary value; the message names the instance.
 
     Shapes:
-        θ ``(*batch, *event)`` → z ``(*batch, *event)``; ``fn`` sees ``(*event)``.
+        θ ``(*batch, *event)`` → z ``(*batch, *event)``; ``fn`` sees ``(*event)``;
+        a batched keyword ``(*batch, ...)`` → ``fn`` sees ``(...)``.
 
     Example:
         >>> import numpy as np, torch, structgrad as sg
@@ -222,5 +290,12 @@ def per_instance_solver(
         >>> solver.map(torch.tensor([[1.0, -2.0], [-1.0, 3.0]]))
         tensor([[1., 0.],
                 [0., 1.]])
+        >>> def topk(th, k):                  # k differs per instance
+        ...     z = np.zeros_like(th); z[np.argsort(-th, kind="stable")[:k]] = 1; return z
+        >>> sg.per_instance_solver(topk, batched_kwargs=("k",)).map(torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]]), k=torch.tensor([1, 2]))
+        tensor([[0., 1., 0.],
+                [0., 1., 1.]])
     """
-    return PerInstanceSolver(fn, event_ndim=event_ndim, threads=threads, name=name, exact=exact, binary=binary)
+    return PerInstanceSolver(
+        fn, event_ndim=event_ndim, threads=threads, batched_kwargs=batched_kwargs, name=name, exact=exact, binary=binary
+    )

@@ -208,7 +208,7 @@ def _check_index(index: Any, B: int, num_samples: int, device: torch.device) -> 
         raise DomainError(
             f"index: expected distinct dataset positions in one batch (each pair once), got duplicates {d}"
         )
-    return index
+    return index.to(torch.long)  # index_copy_/index_fill_ need int64; any integer dtype is accepted
 
 
 def _check_vector(x: Any, name: str, B: int, device: torch.device) -> torch.Tensor:
@@ -436,9 +436,9 @@ class DPMLoss(nn.Module):
         dtype), index ``(B,)`` integer, same device as the state.
     Complexity:
         O(B²) time and memory per call (one fused softmax and a few passes over a (B, B)
-        buffer per direction, no Python loop over the batch); O(n) state.  Two host
-        synchronisations per call (the index checks; a finiteness check of the result,
-        which inspects sim only when something is not finite).
+        buffer per direction, no Python loop over the batch); O(n) state.  A few host
+        synchronisations per call (the index checks, the step counter, and a finiteness
+        check of the result, which inspects sim only when something is not finite).
     Data parallel:
         gather the features of every rank with :func:`all_gather_with_grad` (and the
         indices), compute the full (B, B) sim on every rank and call the loss there; the

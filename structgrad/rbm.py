@@ -44,7 +44,14 @@ is the CD-k update.  For the RSM, with σ⁰ = σ(D_n a + v⁰_n W), σ^k likewi
 
 (drop the D_n for the Bernoulli RBM).  The loss *value* is no log-likelihood;
 only its gradient means something.  ``persistent=True`` keeps the chains between
-calls (PCD, Tieleman 2008).
+calls (PCD, Tieleman 2008).  The RSM's negative for document n must come from
+p_{D_n}, its own length, so its chains persist *hidden* states (which have no
+length): each call draws the words of row n at the current D_n from a persistent h
+and runs the k sweeps from there (:meth:`~_RBMBase.persistent_negatives` says which
+chain serves which row).  The Bernoulli RBM's chains are visible states.  The chains
+are a buffer, ``persistent_chains``: ``state_dict()`` saves them and
+``load_state_dict`` restores them, so a resumed run continues its chains (a state
+dict without them restarts the chains at the next batch).
 
 Likelihood
 ----------
@@ -52,7 +59,11 @@ Likelihood
 log Z_D = logsumexp_h [D·h·a + D·logsumexp_k(b_k + (Wh)_k)] costs 2^F terms for any
 vocabulary and length (the Bernoulli RBM enumerates the smaller layer).
 ``ais_log_partition`` estimates it by annealed importance sampling, with a
-standard error, for larger models.  For the RSM the default path anneals the
+standard error, for larger models.  AIS runs in float64 whatever the model's dtype
+(parameters, schedule, chains and the log-weight increments, which are small
+differences of large log-partition terms); the result is rounded once to the
+model's dtype, so a float32 model gives the float64 model's estimate (same
+parameter values, same generator) to float32 precision.  For the RSM the default path anneals the
 document length t = 0 → D with the words summed out (π_t(h) ∝ e^{t·(h·a + lse(b + Wh))}),
 one run for every length; the classic path anneals a temperature β = 0 → 1 from
 a base-rate model (Salakhutdinov & Murray 2008).  A trained RSM's topics
@@ -68,14 +79,21 @@ The seed's question (autodiff "gives nonsense", the hand-coded update "works")
 2. *Sum or mean* over the B documents of a batch: Σ_n = B·mean_n for every
    parameter, the same direction with the learning rate multiplied by B.
    Neither is wrong; with a sum the learning rate must shrink with B.
-3. *The update "seen everywhere"* (sum for W, mean for the biases, no D_n) is the
-   same gradient with per-parameter learning rates: B·η for W, η for b and, per
-   document, η/D_n for a.  The asker's TensorFlow energy
-   F̃(v) = −v·b − B Σ_j softplus(a/B + vW) reproduces it: with c = a/B,
+3. *The update "seen everywhere"* (sum for W, mean for the biases, no D_n).  For W
+   and b it is the exact gradient with per-parameter learning rates, B·η for W and
+   η for b.  For a it is not, in general: it steps along Σ_n (σ⁰_n − σ^k_n) where
+   the gradient is Σ_n D_n (σ⁰_n − σ^k_n).  Only when every document of the batch
+   has the same length D is that a learning rate, η/D.  With different lengths in
+   one batch it weighs document n by 1/D_n against the others: a different
+   direction, not a diagonal preconditioner, whose fixed point (mean_n σ⁰_n matched
+   by mean_n E_{p_{D_n}}[σ], instead of the length-weighted means) is in general
+   not a stationary point of the likelihood.  The asker's TensorFlow energy
+   F̃(v) = −v·b − B Σ_j softplus(a/B + vW) drops the D altogether: with c = a/B,
    ∂F̃/∂W = B·∂F_c/∂W, ∂F̃/∂b = ∂F_c/∂b, ∂F̃/∂a = ∂F_c/∂c, where
    F_c(v) = −v·b − Σ_j softplus(c_j + (vW)_j) is an RSM whose hidden bias is not
-   scaled by D (``ReplicatedSoftmax(..., scale_hidden_bias=False)``).  A step η on
-   (W, b, a) is therefore SGD on (W, b, c) with learning rates (B·η, η, η/B): a
+   scaled by D (``ReplicatedSoftmax(..., scale_hidden_bias=False)``), a model whose
+   hidden-bias gradient has no D_n.  A step η on (W, b, a) is therefore SGD on
+   (W, b, c) of that other model with learning rates (B·η, η, η/B): for F_c a
    diagonal preconditioner, not another gradient.  Since the ratio of W's and c's
    rates is B², and the stored a = B·c means a different bias for another B,
    the model that comes out depends on the batch size.
@@ -137,6 +155,9 @@ class AISEstimate(NamedTuple):
         log_z: the estimate log Ẑ = log Z_0 + log mean_m w_m (detached).
         stderr: its standard error by the delta method, std(w) / (√M · mean(w)).
         log_weights: ``(num_chains, *log_z.shape)`` the log importance weights log w_m.
+
+    All three are computed in float64 and returned in the model's dtype (so ``log_z``
+    can be passed to ``log_prob``).
     """
 
     log_z: torch.Tensor
@@ -186,9 +207,11 @@ class _RBMBase(nn.Module):
     """Shared machinery: validation, Gibbs sweeps, the CD loss, temperature-path AIS.
 
     Subclasses define the hooks ``_check_values`` (allowed visible values),
-    ``_lengths`` (D per document, or ``None``), ``_hidden_input`` (u with
-    p(h_j = 1 | v) = σ(u_j)), ``_draw_visible`` (a draw from p(v | h) given its
-    logits) and ``_base_log_z`` (log Z of the AIS base model).
+    ``_lengths`` (D per document, or ``None``), ``_input`` (u with
+    p(h_j = 1 | v) = σ(u_j), for given parameters), ``_draw_visible`` (a draw from
+    p(v | h) given its logits), ``_base_log_z`` (log Z of the AIS base model) and,
+    for PCD, ``_pcd_negatives`` / ``_chain_width`` (the RSM overrides the default
+    visible chains with hidden ones).
     """
 
     def __init__(
@@ -204,8 +227,14 @@ class _RBMBase(nn.Module):
         super().__init__()
         self.num_visible = V.check_positive_int(num_visible, "num_visible")
         self.num_hidden = V.check_positive_int(num_hidden, "num_hidden")
-        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not math.isfinite(init_std) or init_std < 0:
+        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)):
+            raise DTypeError(f"init_std: expected a float, got {type(init_std).__name__}")
+        if not math.isfinite(init_std) or init_std < 0:
             raise DomainError(f"init_std: expected a finite float >= 0, got {init_std!r}")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise DTypeError(
+                f"dtype: expected a floating-point torch.dtype (e.g. torch.float32) or None, got {type(dtype).__name__}"
+            )
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         if not dtype.is_floating_point:
             raise DTypeError(f"dtype: expected a floating-point dtype, got {dtype}")
@@ -215,8 +244,9 @@ class _RBMBase(nn.Module):
         self.weight = nn.Parameter(w * init_std)
         self.visible_bias = nn.Parameter(torch.zeros(self.num_visible, dtype=dtype, device=device))
         self.hidden_bias = nn.Parameter(torch.zeros(self.num_hidden, dtype=dtype, device=device))
-        # PCD fantasy particles (not saved in the state dict; moved by .to()).
-        self.register_buffer("persistent_chains", None, persistent=False)
+        # PCD chains: a buffer, so .to() moves it and state_dict() saves it once it exists
+        # (see _load_from_state_dict for loading a state dict with or without it).
+        self.register_buffer("persistent_chains", None)
         self._bernoulli = get_solver("bernoulli")
 
     # ------------------------------------------------------------------ properties
@@ -276,8 +306,14 @@ class _RBMBase(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ energies
-    def _hidden_input(self, v: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
+    def _input(
+        self, v: torch.Tensor, lengths: torch.Tensor | None, weight: torch.Tensor, hidden_bias: torch.Tensor
+    ) -> torch.Tensor:  # pragma: no cover - abstract
+        """u with p(h_j = 1 | v) = σ(u_j), for the given weight and hidden bias (AIS passes float64 copies)."""
         raise NotImplementedError
+
+    def _hidden_input(self, v: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        return self._input(v, lengths, self.weight, self.hidden_bias)
 
     def _visible_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.visible_bias + h @ self.weight.T
@@ -374,11 +410,11 @@ class _RBMBase(nn.Module):
         Args:
             v0: ``(*batch, K)`` data.
             k: Gibbs sweeps for the negative phase (≥ 1).
-            persistent: ``False``: CD-k, chains start at ``v0``.  ``True``: PCD-k,
-                chains continue from ``self.persistent_chains`` (set from ``v0`` on
-                the first call; afterwards they keep their own number and, for the
-                RSM, their own lengths) and the buffer is replaced by the new states.
-                Clear it with :meth:`reset_chains`.
+            persistent: ``False``: CD-k, chains start at ``v0``.  ``True``: PCD-k, the
+                negatives come from :meth:`persistent_negatives` (chains kept in
+                ``self.persistent_chains`` between calls; the RSM draws each negative
+                at the length of its own document of ``v0``).  Clear them with
+                :meth:`reset_chains`.
             negatives: ``(*batch', K)`` given negative samples (then no sampling;
                 ``k`` and ``persistent`` are not used), e.g. from your own sampler.
             generator: a ``torch.Generator`` on the model's device.
@@ -405,11 +441,7 @@ class _RBMBase(nn.Module):
         else:
             k = self._check_k(k)
             if persistent:
-                start = self.persistent_chains
-                if start is None:
-                    start = v0.detach().reshape(-1, self.num_visible)
-                vk = self._gibbs(start, k, generator)
-                self.persistent_chains = vk
+                vk = self._pcd_negatives(v0.detach().reshape(-1, self.num_visible), k, generator)
             else:
                 vk = self._gibbs(v0.detach(), k, generator)
         loss = self._free_energy(v0).mean() - self._free_energy(vk).mean()
@@ -417,9 +449,102 @@ class _RBMBase(nn.Module):
             loss = loss * (v0.numel() // self.num_visible)
         return loss
 
+    def persistent_negatives(
+        self, v0: torch.Tensor, k: int = 1, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Advance the persistent (PCD) chains by k sweeps and return the negative samples.
+
+        ``cd_loss(v0, k, persistent=True)`` is ``cd_loss(v0, negatives=persistent_negatives(v0, k))``
+        (same generator state, same result).  What persists, and how many negatives come
+        back, depends on the model:
+
+        * :class:`BernoulliRBM`: ``self.persistent_chains`` ``(M, K)`` holds visible
+          states, M set by the first batch (its rows are the chain starts); every call
+          runs k sweeps v → h → v on all M chains and returns them, whatever the
+          size of ``v0``.
+        * :class:`ReplicatedSoftmax`: the negative phase of a document of length D_n is
+          under p_{D_n}, so the chains hold *hidden* states ``(M, F)``, which have no
+          length, and each call draws words at the current documents' lengths: row n
+          of ``v0`` (flattened) takes the n-th chain in first-in-first-out order, runs
+          k sweeps h → v (D_n words) → h', and its chain's new h' goes to the back of
+          the queue, so successive smaller batches use the chains in turn.  The chains
+          start (and, when a batch has more rows than there are chains, new ones are
+          added) at h ∼ p(h | v0_n) of the rows that take them, so the first call is
+          CD-k in distribution.  Returns ``v0.shape``: one negative per document, of
+          its length.
+
+        Args:
+            v0: ``(*batch, K)`` the current data (for the RSM its lengths; also the
+                chain starts on the first call).
+            k: sweeps per call, ≥ 1.
+            generator: a ``torch.Generator`` on the model's device.
+        Returns:
+            The negatives, detached: ``(M, K)`` (RBM) or ``v0.shape`` (RSM).
+        Complexity: O(k·M·K·F) (RBM), O(k·B·(K·F + max D)) (RSM).
+        """
+        v0 = self._check_visible(v0, "v0")
+        if v0.numel() == 0:
+            raise ShapeError(f"v0: expected at least one data vector, got shape {V.fmt_shape(v0.shape)}")
+        k = self._check_k(k)
+        self._check_generator(generator)
+        vk = self._pcd_negatives(v0.detach().reshape(-1, self.num_visible), k, generator)
+        return vk.reshape(v0.shape) if self._pcd_per_document else vk
+
+    _pcd_per_document = False  # True: one PCD negative per data row (the RSM)
+
+    def _pcd_negatives(self, v0: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+        """Default (Bernoulli RBM): persistent visible chains ``(M, K)``, all advanced, all returned."""
+        start = self.persistent_chains
+        if start is None:
+            start = v0
+        vk = self._gibbs(start, k, generator)
+        self.persistent_chains = vk
+        return vk
+
+    def _chain_width(self) -> int:
+        """The last dimension of ``persistent_chains``."""
+        return self.num_visible
+
     def reset_chains(self) -> None:
         """Forget the persistent (PCD) chains; the next ``cd_loss(persistent=True)`` restarts them at its data."""
         self.persistent_chains = None
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # The PCD chains are saved once they exist, and their number M is free: a state
+        # dict with chains restores them (whatever M, and also into a fresh model), one
+        # without them (an older or partial checkpoint) leaves none, so the next PCD call
+        # restarts the chains at its data.  Neither case is a missing or unexpected key.
+        key = prefix + "persistent_chains"
+        chains = state_dict.get(key)
+        if chains is None:
+            self.persistent_chains = None
+        elif (
+            not isinstance(chains, torch.Tensor)
+            or not chains.dtype.is_floating_point
+            or chains.dim() != 2
+            or chains.shape[1] != self._chain_width()
+        ):
+            error_msgs.append(
+                f"{key}: expected a floating-point tensor of shape (M, {self._chain_width()}), got "
+                f"{V.fmt_shape(chains.shape) if isinstance(chains, torch.Tensor) else type(chains).__name__}"
+                f"{' of dtype ' + str(chains.dtype) if isinstance(chains, torch.Tensor) else ''}"
+            )
+            self.persistent_chains = None
+            state_dict = {k: t for k, t in state_dict.items() if k != key}
+        else:  # a placeholder of the right shape; the base class copies the values into it
+            self.persistent_chains = torch.zeros(chains.shape, dtype=self.dtype, device=self.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ------------------------------------------------------------------ AIS
     def _run_ais(
@@ -430,25 +555,32 @@ class _RBMBase(nn.Module):
         base_visible_bias: torch.Tensor,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
-        """Log AIS weights ``(num_chains, R)`` for ``R`` = number of lengths (1 for the RBM)."""
+        """Log AIS weights ``(num_chains, R)`` for ``R`` = number of lengths (1 for the RBM).
+
+        Everything (parameters, schedule, chains, increments) is float64 whatever the
+        model's dtype: the same parameter values give the same weights in a float32
+        and a float64 model.
+        """
+        f64 = torch.float64
         R = 1 if lengths is None else lengths.numel()
         M = num_chains
-        rows = None if lengths is None else lengths.reshape(1, R).expand(M, R).reshape(-1)
-        b_A = base_visible_bias
-        b_B = self.visible_bias.detach()
-        W = self.weight.detach()
-        betas = betas.to(self.dtype)
-        lw = torch.zeros(M * R, dtype=torch.float64, device=self.device)
+        rows = None if lengths is None else lengths.to(f64).reshape(1, R).expand(M, R).reshape(-1)
+        b_A = base_visible_bias.detach().to(f64)
+        b_B = self.visible_bias.detach().to(f64)
+        W = self.weight.detach().to(f64)
+        c = self.hidden_bias.detach().to(f64)
+        betas = betas.to(f64)
+        lw = torch.zeros(M * R, dtype=f64, device=self.device)
         with torch.no_grad():
             v = self._draw_visible(b_A.expand(M * R, self.num_visible), rows, generator)
             for i in range(1, betas.numel()):
                 b_prev, b_cur = betas[i - 1], betas[i]
-                u = self._hidden_input(v, rows).detach()
+                u = self._input(v, rows, W, c)
                 # log p*_β(v) = v·((1−β) b_A + β b) + Σ_j softplus(β u_j)
                 inc = (b_cur - b_prev) * (v @ (b_B - b_A)) + (
                     self._bernoulli.log_partition(b_cur * u) - self._bernoulli.log_partition(b_prev * u)
                 )
-                lw += inc.to(torch.float64)
+                lw += inc
                 if i == betas.numel() - 1:
                     break
                 h = self._bernoulli.sample(b_cur * u, 1, generator=generator)[0]
@@ -495,8 +627,8 @@ class _RBMBase(nn.Module):
             if not bool(torch.isfinite(b_A).all()):
                 raise DomainError("base_visible_bias: expected finite values")
             b_A = b_A.detach()
-        lw = self._run_ais(lengths, num_chains, betas, b_A, generator)  # (M, R)
-        log_z0 = self._base_log_z(b_A, lengths).to(torch.float64)  # (R,)
+        lw = self._run_ais(lengths, num_chains, betas, b_A, generator)  # (M, R), float64
+        log_z0 = self._base_log_z(b_A.to(torch.float64), None if lengths is None else lengths.to(torch.float64))
         log_mean = logsumexp(lw, 0) - math.log(num_chains)
         w = torch.exp(lw - lw.amax(0, keepdim=True))
         stderr = w.std(0) / (math.sqrt(num_chains) * w.mean(0))
@@ -531,6 +663,9 @@ class BernoulliRBM(_RBMBase):
         ``weight (K, F)`` = W, ``visible_bias (K,)`` = b, ``hidden_bias (F,)`` = c.
         (scikit-learn's ``BernoulliRBM`` stores ``components_`` = Wᵀ,
         ``intercept_visible_`` = b, ``intercept_hidden_`` = c.)
+    Buffers:
+        ``persistent_chains``: ``None``, or ``(M, K)`` the PCD chains' visible states
+        (in the state dict once they exist; see :meth:`persistent_negatives`).
     Shapes:
         v: ``(*batch, K)`` with values in [0, 1] (fractional values act as
         probabilities in the positive phase, as in scikit-learn; chains are
@@ -566,8 +701,10 @@ class BernoulliRBM(_RBMBase):
     def _lengths(self, v: torch.Tensor) -> None:
         return None
 
-    def _hidden_input(self, v: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        return self.hidden_bias + v @ self.weight
+    def _input(
+        self, v: torch.Tensor, lengths: torch.Tensor | None, weight: torch.Tensor, hidden_bias: torch.Tensor
+    ) -> torch.Tensor:
+        return hidden_bias + v @ weight
 
     def _draw_visible(self, logits: torch.Tensor, lengths: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
         return self._bernoulli.sample(logits, 1, generator=generator)[0]
@@ -639,7 +776,9 @@ class BernoulliRBM(_RBMBase):
         base model (W = 0, c = 0, visible bias b_A: Z_0 = 2^F Π_k (1 + e^{b_A,k}))
         to the RBM.  Each chain starts with an exact draw from the base, moves by
         one Gibbs sweep at each β and accumulates log w += log p*_{β_i}(v) − log p*_{β_{i−1}}(v);
-        log Ẑ = log Z_0 + log mean_m w_m (unbiased in Z, biased low in log Z).
+        log Ẑ = log Z_0 + log mean_m w_m (unbiased in Z, biased low in log Z).  The
+        run is in float64 whatever the model's dtype; the result is returned in the
+        model's dtype.
 
         Args:
             num_chains: M ≥ 2 independent runs.
@@ -695,6 +834,10 @@ class ReplicatedSoftmax(_RBMBase):
         dtype, device: of the parameters; inputs must match them.
     Parameters:
         ``weight (K, F)`` = W, ``visible_bias (K,)`` = b, ``hidden_bias (F,)`` = a.
+    Buffers:
+        ``persistent_chains``: ``None``, or ``(M, F)`` the PCD chains' *hidden*
+        states; each PCD call draws the words at the current documents' lengths from
+        them (in the state dict once they exist; see :meth:`persistent_negatives`).
     Shapes:
         v: ``(*batch, K)`` non-negative integer counts (integer dtype, or the
         parameters' float dtype with integral values), each document of length ≥ 1.
@@ -752,13 +895,39 @@ class ReplicatedSoftmax(_RBMBase):
     def _lengths(self, v: torch.Tensor) -> torch.Tensor:
         return v.sum(-1)
 
-    def _hidden_input(self, v: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    def _input(
+        self, v: torch.Tensor, lengths: torch.Tensor | None, weight: torch.Tensor, hidden_bias: torch.Tensor
+    ) -> torch.Tensor:
         if self.scale_hidden_bias:
-            return lengths.unsqueeze(-1) * self.hidden_bias + v @ self.weight
-        return self.hidden_bias + v @ self.weight
+            return lengths.unsqueeze(-1) * hidden_bias + v @ weight
+        return hidden_bias + v @ weight
 
     def _draw_visible(self, logits: torch.Tensor, lengths: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
         return multinomial_counts(logits, lengths.round().to(torch.long), generator=generator)
+
+    _pcd_per_document = True
+
+    def _chain_width(self) -> int:
+        return self.num_hidden
+
+    def _pcd_negatives(self, v0: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+        # Persistent hidden states (M, F); row n takes chain n of the FIFO queue, draws its
+        # words at its own length D_n, and its chain goes to the back of the queue.
+        D = self._lengths(v0)
+        B = v0.shape[0]
+        with torch.no_grad():
+            H = self.persistent_chains
+            M = 0 if H is None else H.shape[0]
+            if B > M:  # start chains for the rows that have none, at h ~ p(h | v0_n)
+                new = self._sample_hidden(v0[M:], D[M:], generator)
+                H = new if H is None else torch.cat([H, new])
+                M = B
+            h = H[:B]
+            for _ in range(k):
+                v = self._draw_visible(self._visible_logits(h), D, generator)
+                h = self._sample_hidden(v, D, generator)
+            self.persistent_chains = torch.cat([H[B:], h])
+        return v
 
     def sample_visible(
         self, h: torch.Tensor, lengths: torch.Tensor, *, generator: torch.Generator | None = None
@@ -869,6 +1038,9 @@ class ReplicatedSoftmax(_RBMBase):
 
         Either way log Ẑ = log Z_0 + log mean_m w_m: unbiased in Z, biased low in
         log Z when the chains miss a mode, which the standard error cannot show.
+        Both paths run in float64 whatever the model's dtype (parameters, chains,
+        r(h) and the temperature increments); the result is returned in the model's
+        dtype.
 
         Args:
             lengths: document lengths D ≥ 1, an int or an integer tensor of any shape.
@@ -908,7 +1080,7 @@ class ReplicatedSoftmax(_RBMBase):
         if self.scale_hidden_bias:
             log_z0 = torch.tensor(self.num_hidden * math.log(2.0), dtype=torch.float64, device=self.device)
         else:
-            log_z0 = self._bernoulli.log_partition(self.hidden_bias.detach()).to(torch.float64)
+            log_z0 = self._bernoulli.log_partition(self.hidden_bias.detach().to(torch.float64))
         sel = lw[flat]  # (L, M)
         log_z = log_z0 + logsumexp(sel, -1) - math.log(num_chains)
         w = torch.exp(sel - sel.amax(-1, keepdim=True))
@@ -921,8 +1093,9 @@ class ReplicatedSoftmax(_RBMBase):
         )
 
     def _run_length_ais(self, d_max: int, M: int, steps: int, generator: torch.Generator | None) -> torch.Tensor:
-        """Cumulative log AIS weights ``(d_max + 1, M)`` at the whole lengths 0..d_max."""
-        W, b, a = self.weight.detach(), self.visible_bias.detach(), self.hidden_bias.detach()
+        """Cumulative log AIS weights ``(d_max + 1, M)`` at the whole lengths 0..d_max, all in float64."""
+        f64 = torch.float64
+        W, b, a = (p.detach().to(f64) for p in (self.weight, self.visible_bias, self.hidden_bias))
         scaled = self.scale_hidden_bias
 
         def r(h: torch.Tensor) -> torch.Tensor:  # log π*_{t+1}(h) − log π*_t(h)
@@ -940,12 +1113,12 @@ class ReplicatedSoftmax(_RBMBase):
 
         out = torch.zeros(d_max + 1, M, dtype=torch.float64, device=self.device)
         with torch.no_grad():
-            h = gibbs_h(torch.zeros(M, self.num_hidden, dtype=self.dtype, device=self.device), 0)  # exact π_0
+            h = gibbs_h(torch.zeros(M, self.num_hidden, dtype=f64, device=self.device), 0)  # exact π_0
             r_h = r(h)
             lw = torch.zeros(M, dtype=torch.float64, device=self.device)
             n = d_max * steps
             for i in range(1, n + 1):
-                lw += r_h.to(torch.float64) / steps
+                lw += r_h / steps
                 d, frac = divmod(i, steps)
                 if frac == 0:
                     out[d] = lw
@@ -957,7 +1130,7 @@ class ReplicatedSoftmax(_RBMBase):
                     h, r_h = prop, r_p
                 else:
                     u = torch.rand(M, dtype=torch.float64, device=self.device, generator=generator)
-                    acc = torch.log(u) < (frac / steps) * (r_p - r_h).to(torch.float64)
+                    acc = torch.log(u) < (frac / steps) * (r_p - r_h)
                     h = torch.where(acc.unsqueeze(-1), prop, h)
                     r_h = torch.where(acc, r_p, r_h)
         return out

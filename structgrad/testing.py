@@ -7,8 +7,9 @@ Anyone who writes a solver gets, for free, the checks every built-in passes::
 
 A *case* is a batched θ (float64 recommended) plus an *enumerator*: a function
 ``(theta_i, **kwargs_i) -> list of structures z_i`` listing the whole feasible set 𝒵
-of one instance (θ_i is θ with the batch dims indexed away; per-instance keyword
-arguments such as a chain's ``lengths`` are indexed alike).  From it the oracle
+of one instance (θ_i is θ with the batch dims indexed away; the keyword arguments
+named in ``batched_kwargs``, such as a chain's ``lengths``, are indexed alike and
+the others passed whole).  From it the oracle
 computes by enumeration
 
     A(θ) = log Σ_z exp⟨z, θ⟩,   μ = Σ_z p(z) z,   max_z ⟨z, θ⟩,   p(z) = exp(⟨z, θ⟩ − A),
@@ -29,7 +30,7 @@ import itertools
 import torch
 
 from . import _validate as V
-from .errors import CapabilityError, DTypeError, StructgradError
+from .errors import CapabilityError, DTypeError, ShapeError, StructgradError
 from .logspace import logsumexp, safe_dot
 from .nll import nll
 from .registry import get_solver
@@ -102,13 +103,18 @@ def labeling_structures(
 @dataclass
 class Case:
     """One conformance case: batched θ, an enumerator of one instance's structures,
-    per-call keyword arguments (indexed per instance when their leading dims are the
-    batch shape), and a name for messages."""
+    per-call keyword arguments, and a name for messages.
+
+    ``batched_kwargs`` names the keyword arguments that carry one value per instance
+    (leading dims = the batch shape; indexed per instance for the enumerator); the
+    others are passed whole to every instance.  ``None`` (the default) means: every
+    tensor keyword argument whose leading dims equal the batch shape."""
 
     theta: Any
     enumerate: Callable[..., Iterable[Any]]
     kwargs: dict = field(default_factory=dict)
     name: str = "case"
+    batched_kwargs: tuple[str, ...] | None = None
 
 
 class BruteForce:
@@ -117,11 +123,15 @@ class BruteForce:
     Args:
         solver: used only for its ``batch_shape``/``event_ndims`` (to split θ into instances).
         enumerate: ``(theta_i, **kwargs_i) -> iterable of structures`` (see :class:`Case`).
+        batched_kwargs: names of the per-instance keyword arguments (see :class:`Case`).
     """
 
-    def __init__(self, solver: Solver, enumerate: Callable[..., Iterable[Any]]):
+    def __init__(
+        self, solver: Solver, enumerate: Callable[..., Iterable[Any]], batched_kwargs: Sequence[str] | None = None
+    ):
         self.solver = get_solver(solver)
         self.enumerate = enumerate
+        self.batched_kwargs = None if batched_kwargs is None else tuple(batched_kwargs)
 
     # -- splitting a batch into instances
     def instances(self, theta: Any, **kwargs: Any) -> list[tuple[tuple[int, ...], Any, dict]]:
@@ -132,12 +142,19 @@ class BruteForce:
         out = []
         for idx in itertools.product(*(range(b) for b in batch)):
             th = [p[idx] if nd is None or p.dim() > k else p for p, k in zip(parts, nd or [0] * len(parts))]
-            kw = {
-                name: (v[idx] if isinstance(v, torch.Tensor) and tuple(v.shape[: len(batch)]) == batch else v)
-                for name, v in kwargs.items()
-            }
+            kw = {name: (v[idx] if self._per_instance(name, v, batch) else v) for name, v in kwargs.items()}
             out.append((idx, V.rebuild(theta, th), kw))
         return out
+
+    def _per_instance(self, name: str, v: Any, batch: tuple[int, ...]) -> bool:
+        if self.batched_kwargs is None:
+            return isinstance(v, torch.Tensor) and tuple(v.shape[: len(batch)]) == batch
+        if name not in self.batched_kwargs:
+            return False
+        if not isinstance(v, torch.Tensor) or tuple(v.shape[: len(batch)]) != batch:
+            shape = V.fmt_shape(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ShapeError(f"{name}: expected leading dims {V.fmt_shape(batch)} (it is in batched_kwargs), got {shape}")
+        return True
 
     def table(self, theta_i: Any, **kwargs_i: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Stacked structures (one ``(K, *event)`` tensor per leaf) and their scores ``(K,)``."""
@@ -333,7 +350,7 @@ def check_solver(
 
     for case in cases:
         theta64 = _cast(case.theta, torch.float64)
-        oracle = BruteForce(solver, case.enumerate)
+        oracle = BruteForce(solver, case.enumerate, case.batched_kwargs)
         where = f"[{case.name}]"
         shapes = _expected_shapes(solver, theta64)
         batch = tuple(solver.batch_shape(theta64))

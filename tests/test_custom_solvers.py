@@ -33,6 +33,8 @@ from structgrad.registry import solvers_supporting
 from structgrad.solver import Capabilities, MapSolver, Solver
 from structgrad.testing import BruteForce, Case, check_solver, one_hot_structures, subset_structures
 
+ND = 1 + torch.cuda.is_available()  # check_solver runs every check on each available device
+
 
 def _theta(shape, seed, dtype=torch.float64):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
@@ -57,7 +59,7 @@ def test_plain_callable_is_a_map_solver_and_passes_check_solver():
     assert isinstance(solver, MapSolver) and solver.name == "topk_batched"
     assert solver.capabilities.operations == ("map",)
     ran = check_solver(topk_batched, [Case(_theta((2, 3, 6), 0), enumerate=lambda th: subset_structures(6, 2))])
-    assert ran["map_feasible_optimal"] == 1 and ran["capability_error"] == 3
+    assert ran["map_feasible_optimal"] == ND and ran["capability_error"] == 3
 
 
 def test_plain_callable_gets_keyword_arguments_and_works_with_brute_force():
@@ -138,19 +140,96 @@ def test_per_instance_solver_passes_check_solver():
     assert isinstance(solver, sg.PerInstanceSolver) and solver.name == "topk_one"
     theta = _theta((2, 3, 6), 8)
     ran = check_solver(solver, [Case(theta, enumerate=lambda th: subset_structures(6, 2))])
-    assert ran["map_feasible_optimal"] == 1
+    assert ran["map_feasible_optimal"] == ND
     assert torch.equal(solver.map(theta), topk_batched(theta))
 
 
-def test_per_instance_kwargs_are_indexed_per_instance():
-    solver = sg.per_instance_solver(topk_one)
+def test_per_instance_batched_kwargs_are_indexed_per_instance():
+    solver = sg.per_instance_solver(topk_one, batched_kwargs=("k",))
+    assert solver.batched_kwargs == ("k",)
     theta = _theta((3, 5), 9)
     k = torch.tensor([1, 2, 4])
     z = solver.map(theta, k=k)
     assert torch.equal(z.sum(-1), k.to(theta.dtype))
-    assert torch.equal(solver.map(theta, k=3).sum(-1), torch.full((3,), 3.0, dtype=torch.float64))
+    for per_instance in (k.numpy(), [1, 2, 4]):  # arrays and nested lists work too
+        assert torch.equal(solver.map(theta, k=per_instance), z)
+    assert torch.equal(sg.per_instance_solver(topk_one, batched_kwargs=("k",), threads=2).map(theta, k=k), z)
+    assert torch.equal(solver.map(theta).sum(-1), torch.full((3,), 2.0, dtype=torch.float64))  # omitted: fn's default
     case = Case(theta, enumerate=lambda th, k: subset_structures(5, int(k)), kwargs={"k": k})
-    assert check_solver(solver, [case])["map_feasible_optimal"] == 1
+    assert check_solver(solver, [case])["map_feasible_optimal"] == ND
+    # two batch dims: the leading two dims of k are the batch, the rest goes to fn
+    got = []
+
+    def spy(th, w):
+        got.append(w.shape)
+        return np.zeros_like(th)
+
+    sg.per_instance_solver(spy, batched_kwargs="w").map(_theta((2, 3, 4), 9), w=torch.zeros(2, 3, 7))
+    assert got == [(7,)] * 6
+
+
+def test_per_instance_kwargs_not_named_are_shared_whole():
+    """A shared matrix A (m, n) with batch shape (m,) reaches fn whole, never one row per instance."""
+    seen = []
+
+    def masked_argmax(th, A, k=1):
+        seen.append((A.shape, A.flags.writeable, type(k)))
+        allowed = A.sum(0) > 0  # columns that some row of A allows
+        z = np.zeros_like(th)
+        z[np.argmax(np.where(allowed, th, -np.inf))] = 1
+        return z
+
+    m, n = 3, 3
+    A = torch.tensor([[0, 1, 0], [0, 0, 0], [0, 0, 1]])  # (m, n) == theta's batch + event shape
+    theta = torch.tensor([[5.0, 1.0, 2.0], [0.0, 3.0, 1.0], [9.0, -1.0, -2.0]])
+    solver = sg.per_instance_solver(masked_argmax)
+    z = solver.map(theta, A=A, k=torch.tensor(2))
+    assert seen == [((m, n), False, np.ndarray)] * m  # before: one row (n,) of A per instance
+    assert torch.equal(z, torch.tensor([[0.0, 0, 1], [0, 1, 0], [0, 1, 0]]))
+    seen.clear()
+    solver.map(theta, A=A.numpy())
+    assert seen == [((m, n), False, int)] * m
+    # naming A as per instance would need leading dims (3,), which it has: then rows are sliced
+    seen.clear()
+    sg.per_instance_solver(masked_argmax, batched_kwargs=("A",)).map(theta, A=A)
+    assert seen == [((n,), False, int)] * m
+
+
+def test_per_instance_kwargs_cannot_be_modified_by_fn():
+    shared_np = np.arange(4.0)
+    shared_t = torch.arange(4.0)
+    per_np = np.zeros((2, 4))
+    per_t = torch.zeros(2, 4)
+    before = [shared_np.copy(), shared_t.clone(), per_np.copy(), per_t.clone()]
+    targets = {"shared_np": shared_np, "shared_t": shared_t, "per_np": per_np, "per_t": per_t}
+    for name in targets:
+
+        def vandal(th, name=name, **kw):
+            kw[name][..., 0] = 99.0
+            return np.zeros_like(th)
+
+        solver = sg.per_instance_solver(vandal, batched_kwargs=("per_np", "per_t"))
+        with pytest.raises(ValueError, match="read-only"):
+            solver.map(_theta((2, 4), 9), **targets)
+    for a, b in zip(targets.values(), before):
+        assert (a == b).all()
+    assert shared_np.flags.writeable and per_np.flags.writeable  # the caller's own arrays keep their flags
+
+
+@pytest.mark.parametrize(
+    "theta_shape,value,pattern",
+    [
+        ((3, 5), torch.tensor([1, 2]), r"k: expected shape \(3, \.\.\.\) with leading dims the batch shape of theta \(3,\) .*got \(2,\)"),
+        ((2, 3, 5), torch.tensor([1, 2, 3]), r"k: expected shape \(2, 3, \.\.\.\) .*\(2, 3\).* got \(3,\)"),
+        ((3, 5), 2, r"k: expected shape \(3, \.\.\.\) .*got \(\)"),
+        ((3, 5), [[1], [2, 3], []], r"k: expected an array with leading dims \(3,\) .*got list"),
+    ],
+    ids=["short", "two-batch-dims", "scalar", "ragged"],
+)
+def test_per_instance_batched_kwarg_with_wrong_shape_raises(theta_shape, value, pattern):
+    solver = sg.per_instance_solver(topk_one, batched_kwargs=("k",))
+    with pytest.raises(ShapeError, match=pattern):
+        solver.map(_theta(theta_shape, 9), k=value)
 
 
 def test_per_instance_threads_run_concurrently_and_agree():
@@ -259,11 +338,17 @@ def test_per_instance_options():
     "kwargs,exc,pattern",
     [
         (dict(fn=3), DTypeError, r"fn: expected a callable theta_i -> z_i .*got int"),
-        (dict(fn=topk_one, threads=0), DomainError, r"threads: expected an integer >= 1 or None, got 0"),
-        (dict(fn=topk_one, threads="4"), DTypeError, r"threads: expected an integer >= 1 or None, got str"),
-        (dict(fn=topk_one, event_ndim=-1), DomainError, r"event_ndim: expected integers >= 0, got -1"),
-        (dict(fn=topk_one, event_ndim="x"), DTypeError, r"event_ndim: expected an integer >= 0"),
+        (dict(fn=topk_one, threads=0), DomainError, r"threads: expected an integer >= 1, got 0"),
+        (dict(fn=topk_one, threads="4"), DTypeError, r"threads: expected an integer, got str"),
+        (dict(fn=topk_one, threads=True), DTypeError, r"threads: expected an integer, got bool"),
+        (dict(fn=topk_one, event_ndim=-1), DomainError, r"event_ndim: expected an integer >= 0, got -1"),
+        (dict(fn=topk_one, event_ndim="x"), DTypeError, r"event_ndim: expected an integer, got str"),
+        (dict(fn=topk_one, event_ndim=(1, -2)), DomainError, r"event_ndim\[1\]: expected an integer >= 0, got -2"),
         (dict(fn=topk_one, event_ndim=()), DomainError, r"event_ndim: expected an integer >= 0 or a non-empty tuple"),
+        (dict(fn=topk_one, batched_kwargs=3), DTypeError, r"batched_kwargs: expected a tuple of keyword-argument names, got int"),
+        (dict(fn=topk_one, batched_kwargs=("k", 1)), DTypeError, r"batched_kwargs: expected keyword-argument names \(identifiers\), got 1"),
+        (dict(fn=topk_one, batched_kwargs=("not a name",)), DTypeError, r"batched_kwargs: expected keyword-argument names .*'not a name'"),
+        (dict(fn=topk_one, batched_kwargs=("k", "k")), DomainError, r"batched_kwargs: expected distinct names, got \('k', 'k'\)"),
     ],
 )
 def test_per_instance_bad_options(kwargs, exc, pattern):

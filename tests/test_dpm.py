@@ -673,3 +673,20 @@ def test_docstring_examples_run():
     import structgrad.dpm
 
     assert doctest.testmod(structgrad.dpm).failed == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.int64])
+def test_any_integer_index_dtype_trains_like_int64(dtype):
+    g = torch.Generator().manual_seed(4)
+    sims = [torch.randn(4, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    idxs = [torch.tensor([0, 3, 5, 1]), torch.tensor([2, 3, 4, 0]), torch.tensor([5, 1, 2, 4])]
+    a, b = DPMLoss(6, tau=0.2, gamma=0.7, xi=0.0, zeta_start_step=0, dtype=torch.float64), DPMLoss(
+        6, tau=0.2, gamma=0.7, xi=0.0, zeta_start_step=0, dtype=torch.float64
+    )
+    for sim, idx in zip(sims, idxs):
+        s1, s2 = sim.clone().requires_grad_(), sim.clone().requires_grad_()
+        a(s1, idx.to(dtype)).surrogate.backward()
+        b(s2, idx).surrogate.backward()
+        assert torch.equal(s1.grad, s2.grad)
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(v, w), k

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import subprocess
 import sys
 
@@ -154,6 +156,7 @@ def test_capabilities_and_listing():
     with pytest.raises(sg.CapabilityError, match="solvers that can"):
         s.marginals(_theta(8, 0))
     assert sg.get_solver("ilp", A=KNAP_A, b=KNAP_B, time_limit=5.0).capabilities.map == "approximate"
+    assert sg.get_solver("ilp", A=KNAP_A, b=KNAP_B, deterministic_time_limit=5.0).capabilities.map == "approximate"
 
 
 # ----------------------------------------------------------------------------- random instances
@@ -367,23 +370,89 @@ def test_infeasible_instances():
         a.map(th)
 
 
-def test_time_out_without_a_solution_raises():
-    rng = np.random.default_rng(1)
-    a = rng.integers(10**9, 2 * 10**9, size=60)
-    T = int(a.sum() // 2) + 1  # subset sum: CP-SAT cannot find a solution in 10 ms
-    s = sg.get_solver("ilp", A_eq=a[None], b_eq=[T], time_limit=0.01)
-    with pytest.raises(SolverTimeoutError, match=r"time_limit=0.01"):
-        s.map(_theta(60, 0))
+# Time-outs are tested with CP-SAT's deterministic time limit (a count of work, not
+# wall-clock seconds), so they do not depend on the machine's speed or load.  Margins,
+# measured with OR-Tools 9.15 and one worker:
+# * subset sum (60 weights in [1e9, 2e9), target half the total + 1): no feasible z
+#   within 3.0 units of deterministic time; the tests allow 0.01;
+# * knapsack (n = 200, 20 rows, all scores positive): a first feasible z after
+#   about 0.015 units, optimality not proven after 10; the tests allow 0.1.
+def _subset_sum():
+    a = np.random.default_rng(1).integers(10**9, 2 * 10**9, size=60)
+    return dict(A_eq=a[None], b_eq=[int(a.sum() // 2) + 1])
 
 
-def test_time_out_with_a_solution_returns_it_flagged():
-    rng = np.random.default_rng(0)
-    A = rng.integers(1, 101, size=(20, 200))
-    b = A.sum(1) // 2
+def _hard_knapsack():
+    A = np.random.default_rng(0).integers(1, 101, size=(20, 200))
     theta = torch.rand(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # all positive: hard
-    res = sg.get_solver("ilp", A=A, b=b, time_limit=0.3).solve(theta)
+    return A, A.sum(1) // 2, theta
+
+
+def test_time_out_without_a_solution_raises():
+    s = sg.get_solver("ilp", deterministic_time_limit=0.01, **_subset_sum())
+    for _ in range(2):  # the same outcome every time
+        with pytest.raises(SolverTimeoutError, match=r"instance \(\) .*no feasible z within deterministic_time_limit=0.01;"):
+            s.map(_theta(60, 0))
+
+
+def test_time_out_with_a_solution_returns_it_flagged_and_is_reproducible():
+    A, b, theta = _hard_knapsack()
+    s = sg.get_solver("ilp", A=A, b=b, deterministic_time_limit=0.1, num_threads=2)
+    res = s.solve(theta)
     assert not bool(res.optimal)
     assert is_feasible(res.z.numpy(), A, b, None, None) and float(res.value) > 0
+    # deterministic: the same z again, in a batch solved on two threads, and by a fresh solver
+    batch = s.solve(theta.expand(3, 200))
+    fresh = sg.get_solver("ilp", A=A, b=b, deterministic_time_limit=0.1, num_threads=1).solve(theta)
+    for r in (batch, fresh):
+        assert not bool(r.optimal.any())
+        assert torch.equal(r.z, res.z.expand_as(r.z))
+
+
+def test_wall_clock_time_limit():
+    # A shorter effective limit (a loaded machine) only makes a time-out more certain here.
+    s = sg.get_solver("ilp", time_limit=0.05, **_subset_sum())
+    assert s.time_limit == 0.05 and s.capabilities.map == "approximate"
+    with pytest.raises(SolverTimeoutError, match=r"no feasible z within time_limit=0.05 s;"):
+        s.map(_theta(60, 0))
+    both = sg.get_solver("ilp", time_limit=60.0, deterministic_time_limit=0.01, **_subset_sum())
+    with pytest.raises(SolverTimeoutError, match=r"within time_limit=60.0 s and deterministic_time_limit=0.01;"):
+        both.map(_theta(60, 0))
+    # an easy instance is solved to optimality well inside the limits
+    easy = sg.get_solver("ilp", A=KNAP_A, b=KNAP_B, time_limit=60.0, deterministic_time_limit=60.0)
+    res = easy.solve(_theta((2, 8), 0))
+    assert bool(res.optimal.all())
+    assert torch.equal(res.z, sg.get_solver("ilp", A=KNAP_A, b=KNAP_B).map(_theta((2, 8), 0)))
+
+
+# ----------------------------------------------------------------------------- copying
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(A=KNAP_A, b=KNAP_B, num_threads=2, deterministic_time_limit=30.0),
+        dict(A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6)),
+        dict(A=np.zeros((1, 3)), b=[-1]),  # an all-zero row that excludes 0
+    ],
+    ids=["cp-sat", "assignment", "infeasible"],
+)
+def test_deepcopy_and_pickle(opts):
+    s = sg.get_solver("ilp", **opts)
+    theta = _theta((4, s.n), 21)
+    copies = [copy.deepcopy(s), pickle.loads(pickle.dumps(s)), copy.deepcopy({"solver": s})["solver"]]
+    for c in copies:
+        assert type(c) is type(s) and c is not s and repr(c) == repr(s)
+        assert c.name == "ilp" and c.method == s.method and c.capabilities == s.capabilities
+        assert c._slot_lock is not s._slot_lock and c._base is not s._base
+        assert np.array_equal(c.A, s.A) and np.array_equal(c.b_eq, s.b_eq)
+        if s._empty_row_infeasible is None:
+            assert torch.equal(c.map(theta), s.map(theta))
+            assert torch.equal(c.map(theta), c.map(theta))  # the copy's model pool is reused
+        else:
+            for solver in (s, c):
+                with pytest.raises(InfeasibleError, match="all zeros"):
+                    solver.map(theta)
+    again = pickle.loads(pickle.dumps(copies[0]))  # a copy of a copy
+    assert repr(again) == repr(s) and again._slot_lock is not copies[0]._slot_lock
 
 
 # ----------------------------------------------------------------------------- bad arguments
@@ -407,9 +476,15 @@ BAD_OPTIONS = [
     (dict(A=KNAP_A, b=KNAP_B, time_limit=0), DomainError, r"time_limit: expected a finite number of seconds > 0, got 0"),
     (dict(A=KNAP_A, b=KNAP_B, time_limit=float("inf")), DomainError, r"time_limit: expected a finite number"),
     (dict(A=KNAP_A, b=KNAP_B, time_limit="1"), DTypeError, r"time_limit: expected a number of seconds or None, got str"),
+    (dict(A=KNAP_A, b=KNAP_B, deterministic_time_limit=0.0), DomainError, r"deterministic_time_limit: expected a finite number of deterministic time units > 0, got 0.0"),
+    (dict(A=KNAP_A, b=KNAP_B, deterministic_time_limit=-1), DomainError, r"deterministic_time_limit: expected a finite number .* got -1"),
+    (dict(A=KNAP_A, b=KNAP_B, deterministic_time_limit=float("nan")), DomainError, r"deterministic_time_limit: expected a finite number .* got nan"),
+    (dict(A=KNAP_A, b=KNAP_B, deterministic_time_limit=True), DTypeError, r"deterministic_time_limit: expected a number of deterministic time units or None, got bool"),
     (dict(A=KNAP_A, b=KNAP_B, num_threads=0), DomainError, r"num_threads: expected an integer >= 1, got 0"),
-    (dict(A=KNAP_A, b=KNAP_B, num_threads=1.5), DTypeError, r"num_threads: expected an integer or None, got float"),
-    (dict(A=KNAP_A, b=KNAP_B, objective_bits=0), DomainError, r"objective_bits: expected 1 <= P .* got 0"),
+    (dict(A=KNAP_A, b=KNAP_B, num_threads=1.5), DTypeError, r"num_threads: expected an integer, got float"),
+    (dict(A=KNAP_A, b=KNAP_B, num_threads=True), DTypeError, r"num_threads: expected an integer, got bool"),
+    (dict(A=KNAP_A, b=KNAP_B, objective_bits=0), DomainError, r"objective_bits: expected an integer >= 1, got 0"),
+    (dict(A=KNAP_A, b=KNAP_B, objective_bits=30.0), DTypeError, r"objective_bits: expected an integer, got float"),
     (dict(A=KNAP_A, b=KNAP_B, objective_bits=60), DomainError, r"objective_bits: .*n = 8\), got 60"),
     (dict(A=KNAP_A, b=KNAP_B, method="gurobi"), DomainError, r"method: expected one of .*'gurobi'"),
 ]

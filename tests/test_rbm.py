@@ -6,6 +6,7 @@ test_rbm_examples.py.  Oracles enumerate every (v, h) of tiny models (_rbm_oracl
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -162,32 +163,38 @@ def test_rbm_cd_gradient_equals_hand_written_update():
     torch.testing.assert_close(gc, -(s0 - sk).sum(0) / B, atol=1e-12, rtol=0)
 
 
-def test_cd_loss_gradient_matches_gradcheck():
-    """Autograd of the surrogate (fixed negatives) agrees with finite differences in float64."""
-    m = _rsm(4, 3, seed=9)
-    v0, vk = _docs(3, 4, seed=2), _docs(3, 4, seed=3)
-    vk = vk * 0 + v0.flip(-1)  # same lengths as v0
-    W, b, a = (p.detach().clone().requires_grad_(True) for p in (m.weight, m.visible_bias, m.hidden_bias))
+@pytest.mark.parametrize("kind", ["rsm", "rsm_unscaled", "rbm"])
+def test_cd_loss_gradient_matches_gradcheck(kind):
+    """The library's cd_loss (fixed negatives), as a function of the parameters, passes
+    gradcheck in float64: its autograd gradient agrees with finite differences of its value."""
+    from torch.func import functional_call
+
+    if kind == "rbm":
+        m = _rbm(4, 3, seed=9)
+        v0, vk = _bits(3, 4, seed=2), _bits(2, 4, seed=3)
+    else:
+        m = _rsm(4, 3, seed=9, scale_hidden_bias=kind == "rsm")
+        v0 = _docs(3, 4, seed=2)
+        vk = m.gibbs(v0, 1, generator=torch.Generator().manual_seed(3))  # same lengths as v0
+
+    class Loss(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, v0, vk):
+            return self.model.cd_loss(v0, negatives=vk)
+
+    wrapped = Loss(m)
+    names = ("model.weight", "model.visible_bias", "model.hidden_bias")
 
     def f(W, b, a):
-        with torch.no_grad():
-            m.weight.copy_(W)
-            m.visible_bias.copy_(b)
-            m.hidden_bias.copy_(a)
-        D0, Dk = v0.sum(-1, keepdim=True), vk.sum(-1, keepdim=True)
-        f0 = -(v0 @ b) - F.softplus(D0 * a + v0 @ W).sum(-1)
-        fk = -(vk @ b) - F.softplus(Dk * a + vk @ W).sum(-1)
-        return f0.mean() - fk.mean()
+        return functional_call(wrapped, dict(zip(names, (W, b, a))), (v0, vk))
 
-    assert torch.autograd.gradcheck(f, (W, b, a))
-    with torch.no_grad():
-        m.weight.copy_(W)
-        m.visible_bias.copy_(b)
-        m.hidden_bias.copy_(a)
-    gW, gb, ga = _grads(m, m.cd_loss(v0, negatives=vk))
-    rW, rb, ra = torch.autograd.grad(f(W, b, a), (W, b, a))
-    for x, y in ((gW, rW), (gb, rb), (ga, ra)):
-        torch.testing.assert_close(x, y, atol=1e-12, rtol=0)
+    params = tuple(p.detach().clone().requires_grad_(True) for p in (m.weight, m.visible_bias, m.hidden_bias))
+    assert torch.autograd.gradcheck(f, params)
+    # and functional_call really went through the library: the same value as the model's own call
+    torch.testing.assert_close(f(*params).detach(), m.cd_loss(v0, negatives=vk).detach(), atol=1e-12, rtol=0)
 
 
 def test_seed_working_energy_is_a_per_parameter_learning_rate():
@@ -323,27 +330,95 @@ def test_no_nan_for_scores_up_to_1e4_in_float32():
 
 
 # ---------------------------------------------------------------------------- persistent chains
-def test_pcd_keeps_and_replaces_chains():
+def test_rsm_pcd_negatives_have_the_current_documents_lengths():
+    """PCD on the RSM: the negative of each document is drawn at that document's own length,
+    batch after batch (the chains persist hidden states, not documents)."""
     m = _rsm(5, 3, seed=1)
-    v0 = _docs(4, 5, seed=2)
     g = torch.Generator().manual_seed(0)
     assert m.persistent_chains is None
-    m.cd_loss(v0, k=1, persistent=True, generator=g).backward()
+    v1 = _docs(4, 5, seed=2)
+    n1 = m.persistent_negatives(v1, k=1, generator=g)
+    assert n1.shape == (4, 5) and torch.equal(n1.sum(-1), v1.sum(-1))
     c1 = m.persistent_chains.clone()
-    assert c1.shape == (4, 5) and torch.equal(c1.sum(-1), v0.sum(-1))
-    # a later, smaller batch: the chains keep their number and lengths
-    v1 = _docs(2, 5, max_count=9, seed=3)
-    loss = m.cd_loss(v1, k=2, persistent=True, generator=g)
+    assert c1.shape == (4, 3) and bool(((c1 == 0) | (c1 == 1)).all())
+    # a later, smaller batch of other lengths: negatives at *its* lengths, from chains 0 and 1
+    v2 = torch.tensor([[9.0, 0, 0, 3, 0], [0, 1, 0, 0, 0]], dtype=f64)
+    assert not torch.equal(v2.sum(-1), v1[:2].sum(-1))
+    n2 = m.persistent_negatives(v2, k=2, generator=g)
+    assert n2.shape == (2, 5) and torch.equal(n2.sum(-1), v2.sum(-1))
     c2 = m.persistent_chains
-    assert c2.shape == (4, 5) and torch.equal(c2.sum(-1), v0.sum(-1)) and not torch.equal(c1, c2)
-    ref = m.free_energy(v1).mean() - m.free_energy(c2).mean()
-    torch.testing.assert_close(loss, ref)
-    assert "persistent_chains" not in m.state_dict()
+    # first in, first out: the unused chains 2, 3 move to the front, the two used ones to the back
+    assert c2.shape == (4, 3) and torch.equal(c2[:2], c1[2:])
+    # the next batch is served by chains 2, 3 (then the used ones): here a leading batch shape
+    v3 = _docs(6, 5, max_count=7, seed=5).reshape(2, 3, 5)
+    n3 = m.persistent_negatives(v3, k=1, generator=g)
+    assert n3.shape == (2, 3, 5) and torch.equal(n3.sum(-1), v3.sum(-1))
+    assert m.persistent_chains.shape == (6, 3)  # two chains added for the larger batch
+    # cd_loss(persistent=True) is cd_loss with these negatives (same generator state)
+    v4 = _docs(3, 5, max_count=6, seed=6)
+    twin = copy.deepcopy(m)
+    loss = m.cd_loss(v4, k=2, persistent=True, generator=torch.Generator().manual_seed(9))
+    neg = twin.persistent_negatives(v4, k=2, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(neg.sum(-1), v4.sum(-1))
+    torch.testing.assert_close(loss, twin.cd_loss(v4, negatives=neg), atol=1e-12, rtol=0)
+    assert torch.equal(m.persistent_chains, twin.persistent_chains)
+    # the PCD hidden-bias gradient carries each document's own D_n in both phases
+    gW, gb, ga = _grads(twin, twin.cd_loss(v4, negatives=neg))
+    D = v4.sum(-1, keepdim=True)
+    W, a = twin.weight.detach(), twin.hidden_bias.detach()
+    ref = -(D * (torch.sigmoid(D * a + v4 @ W) - torch.sigmoid(D * a + neg @ W))).sum(0) / 3
+    torch.testing.assert_close(ga, ref, atol=1e-12, rtol=0)
     m.reset_chains()
     assert m.persistent_chains is None
     # reproducible: the same generator seed gives the same chains
-    m.cd_loss(v0, persistent=True, generator=torch.Generator().manual_seed(0))
+    m.persistent_negatives(v1, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(m.persistent_chains, c1)
+
+
+def test_rbm_pcd_keeps_its_visible_chains():
+    """The Bernoulli RBM's PCD: M visible chains set by the first batch, all advanced and all used."""
+    m = _rbm(5, 3, seed=1)
+    g = torch.Generator().manual_seed(0)
+    v0 = _bits(4, 5, seed=2)
+    m.cd_loss(v0, k=1, persistent=True, generator=g).backward()
+    c1 = m.persistent_chains.clone()
+    assert c1.shape == (4, 5) and bool(((c1 == 0) | (c1 == 1)).all())
+    v1 = _bits(2, 5, seed=3)
+    twin = copy.deepcopy(m)
+    loss = m.cd_loss(v1, k=2, persistent=True, generator=torch.Generator().manual_seed(1))
+    c2 = m.persistent_chains
+    assert c2.shape == (4, 5) and not torch.equal(c1, c2)
+    torch.testing.assert_close(loss, m.free_energy(v1).mean() - m.free_energy(c2).mean())
+    # the chains moved by exactly k Gibbs sweeps from where they were
+    torch.testing.assert_close(c2, twin.gibbs(c1, 2, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(twin.persistent_negatives(v1, k=2, generator=torch.Generator().manual_seed(1)), c2)
+
+
+@pytest.mark.parametrize("kind", ["rsm", "rbm"])
+def test_pcd_chains_are_saved_and_restored_by_state_dict(kind):
+    m = _rsm(5, 3, seed=1) if kind == "rsm" else _rbm(5, 3, seed=1)
+    data = _docs(4, 5, seed=2) if kind == "rsm" else _bits(4, 5, seed=2)
+    assert "persistent_chains" not in m.state_dict()  # no chains yet
+    m.cd_loss(data, persistent=True, generator=torch.Generator().manual_seed(0))
+    sd = m.state_dict()
+    assert torch.equal(sd["persistent_chains"], m.persistent_chains)
+    # a fresh model (no chains) loads them, strictly, and continues exactly like the original
+    fresh = ReplicatedSoftmax(5, 3, dtype=f64) if kind == "rsm" else BernoulliRBM(5, 3, dtype=f64)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.persistent_chains, m.persistent_chains)
+    l1 = m.cd_loss(data[:3], k=2, persistent=True, generator=torch.Generator().manual_seed(5))
+    l2 = fresh.cd_loss(data[:3], k=2, persistent=True, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(l1, l2) and torch.equal(fresh.persistent_chains, m.persistent_chains)
+    # chains of another number M load too
+    fresh.load_state_dict({**sd, "persistent_chains": sd["persistent_chains"][:2]})
+    assert fresh.persistent_chains.shape[0] == 2
+    # a state dict without chains (older checkpoint) loads strictly and restarts the chains
+    fresh.load_state_dict({k: t for k, t in sd.items() if k != "persistent_chains"})
+    assert fresh.persistent_chains is None
+    # chains of the wrong width are refused by load_state_dict
+    width = 3 if kind == "rsm" else 5
+    with pytest.raises(RuntimeError, match=rf"persistent_chains: expected a floating-point tensor of shape \(M, {width}\), got \(2, 7\)"):
+        fresh.load_state_dict({**sd, "persistent_chains": torch.zeros(2, 7, dtype=f64)})
 
 
 def test_cd_loss_is_reproducible_and_uses_negatives_exactly():
@@ -432,6 +507,12 @@ def test_bad_options_raise_named_errors():
         m.cd_loss(v, persistent=True, negatives=v)
     with pytest.raises(DTypeError, match="persistent: expected a bool, got Tensor"):
         m.cd_loss(v, persistent=v)
+    with pytest.raises(DomainError, match="k: expected an integer >= 1, got 0"):
+        m.persistent_negatives(v, k=0)
+    with pytest.raises(ShapeError, match=r"v0: expected at least one data vector"):
+        m.persistent_negatives(torch.ones(0, 4, dtype=f64))
+    with pytest.raises(DomainError, match=r"v0: expected documents of length D = sum of counts >= 1"):
+        m.persistent_negatives(torch.zeros(1, 4, dtype=f64))
     with pytest.raises(DTypeError, match="generator: expected a torch.Generator or None, got int"):
         m.gibbs(v, 1, generator=0)
     with pytest.raises(DomainError, match=r"lengths: expected document lengths >= 1, got a minimum of 0"):
@@ -475,6 +556,16 @@ def test_bad_constructor_arguments():
         BernoulliRBM(3, 2.0)
     with pytest.raises(DomainError, match=r"init_std: expected a finite float >= 0, got -1\.0"):
         BernoulliRBM(3, 2, init_std=-1.0)
+    with pytest.raises(DomainError, match=r"init_std: expected a finite float >= 0, got nan"):
+        BernoulliRBM(3, 2, init_std=float("nan"))
+    with pytest.raises(DTypeError, match="init_std: expected a float, got str"):
+        BernoulliRBM(3, 2, init_std="0.1")
+    with pytest.raises(DTypeError, match="init_std: expected a float, got Tensor"):
+        ReplicatedSoftmax(3, 2, init_std=torch.tensor(0.1))
+    with pytest.raises(DTypeError, match=r"dtype: expected a floating-point torch.dtype \(e.g. torch.float32\) or None, got str"):
+        ReplicatedSoftmax(3, 2, dtype="float64")
+    with pytest.raises(DTypeError, match="dtype: expected a floating-point torch.dtype .* got type"):
+        BernoulliRBM(3, 2, dtype=float)
     with pytest.raises(DTypeError, match="dtype: expected a floating-point dtype, got torch.int64"):
         ReplicatedSoftmax(3, 2, dtype=torch.long)
     with pytest.raises(DTypeError, match="scale_hidden_bias: expected a bool, got str"):
@@ -558,7 +649,8 @@ def test_leading_batch_dimensions():
     flat = m.cd_loss(v.reshape(6, 5), negatives=vk.reshape(6, 5))
     torch.testing.assert_close(m.cd_loss(v, negatives=vk), flat)
     m.cd_loss(v, persistent=True, generator=g)
-    assert m.persistent_chains.shape == (6, 5)
+    assert m.persistent_chains.shape == (6, 3)  # the RSM's chains are hidden states
+    assert m.persistent_negatives(v, generator=g).shape == (2, 3, 5)
     r = _rbm(4, 2)
     b = _bits(6, 4).reshape(3, 2, 4)
     assert r.gibbs(b, 1, generator=g).shape == (3, 2, 4) and r.log_prob(b).shape == (3, 2)

@@ -4,6 +4,8 @@ likelihood.  Every random draw uses a fixed-seed torch.Generator."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -173,9 +175,11 @@ def test_rsm_ais_temperature_path_within_001_nats_of_exact():
     err = (est.log_z - exact).abs()
     assert bool((err < 0.01).all()), (est.log_z, exact, est.stderr)
     assert bool((est.stderr < 0.01).all()) and bool((est.stderr > 0).all())
-    torch.testing.assert_close(est.log_z[0, 1], est.log_z[1, 1])  # one run per distinct length
-    again = m.ais_log_partition(lengths, **kw, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(est.log_z, again.log_z)
+    # one run per distinct length, in sorted order: the distinct lengths alone, in any order and
+    # with the same seed, reproduce the estimates (a run per entry would give [0, 1] ≠ [1, 1])
+    again = m.ais_log_partition(torch.tensor([8, 3, 1]), **kw, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.log_z, torch.stack([est.log_z[1, 0], est.log_z[0, 1], est.log_z[0, 0]]))
+    assert torch.equal(again.log_z[1], est.log_z[1, 1])
     # a poor schedule is visibly worse than a good one (the test can fail)
     crude = m.ais_log_partition(8, path="temperature", num_chains=2000, betas=torch.tensor([0.0, 1.0], dtype=f64),
                                 generator=torch.Generator().manual_seed(0))
@@ -200,16 +204,84 @@ def test_rsm_length_path_beats_temperature_path_on_a_peaked_model():
 
 
 def test_rbm_ais_within_001_nats_of_exact():
-    m = _rbm(10, 8, seed=8, scale=0.6)
-    exact = m.log_partition().detach()
+    """A float32 model (the float64 one gives the same estimate: test_ais_runs_in_float64_...),
+    against the exact log Z of its parameters enumerated in float64."""
+    m, m64 = _float32_copy(_rbm(10, 8, seed=8, scale=0.6))
+    exact = float(m64.log_partition().detach())
     g = torch.Generator().manual_seed(1)
     est = m.ais_log_partition(num_chains=3000, num_betas=500, generator=g)
-    assert est.log_z.shape == () and est.log_weights.shape == (3000,)
-    assert abs(float(est.log_z - exact)) < 0.01, (est.log_z, exact, est.stderr)
+    assert est.log_z.shape == () and est.log_weights.shape == (3000,) and est.log_z.dtype == torch.float32
+    assert abs(float(est.log_z) - exact) < 0.01, (est.log_z, exact, est.stderr)
     # a data-like base model works as well
     base = torch.logit(torch.sigmoid(m.visible_bias.detach()).clamp(0.05, 0.95))
     est2 = m.ais_log_partition(num_chains=3000, num_betas=500, base_visible_bias=base, generator=g)
-    assert abs(float(est2.log_z - exact)) < 0.01
+    assert abs(float(est2.log_z) - exact) < 0.01, (est2.log_z, exact, est2.stderr)
+
+
+def _float32_copy(model):
+    """(float32 model, float64 model) with the same (float32-representable) parameter values."""
+    m32 = copy.deepcopy(model).float()
+    return m32, copy.deepcopy(m32).double()
+
+
+@pytest.mark.parametrize("path", ["length", "temperature", "rbm"])
+def test_ais_runs_in_float64_whatever_the_model_dtype(path):
+    """A float32 model gets the float64 model's AIS estimate (same parameter values, same seed),
+    rounded once: the chains and the log-weight increments are not computed in float32."""
+    if path == "rbm":
+        m32, m64 = _float32_copy(_rbm(7, 5, seed=4, scale=2.0))
+        kw = dict(num_chains=40, num_betas=60)
+    else:
+        g = torch.Generator().manual_seed(4)
+        m = ReplicatedSoftmax(6, 4, generator=g, dtype=f64)
+        O.randomize(m, g, 0.5)
+        with torch.no_grad():
+            m.hidden_bias.mul_(20.0)  # large inputs D·a: the increments are differences of terms ~1e3
+        m32, m64 = _float32_copy(m)
+        lengths = torch.tensor([[40, 3], [7, 40]])
+        kw = dict(lengths=lengths, num_chains=40, steps_per_word=1) if path == "length" else dict(
+            lengths=lengths, path="temperature", num_chains=40, num_betas=60)
+    e32 = m32.ais_log_partition(**kw, generator=torch.Generator().manual_seed(0))
+    e64 = m64.ais_log_partition(**kw, generator=torch.Generator().manual_seed(0))
+    assert e32.log_z.dtype == e32.stderr.dtype == e32.log_weights.dtype == torch.float32
+    assert torch.equal(e32.log_z, e64.log_z.float())
+    assert torch.equal(e32.stderr, e64.stderr.float())
+    assert torch.equal(e32.log_weights, e64.log_weights.float())
+
+
+def test_float32_rsm_ais_within_001_nats_of_exact():
+    """A float32 RSM (length path) against the exact log Z of its own parameters (enumerated in
+    float64); the float32 Bernoulli RBM (temperature path) is test_rbm_ais_within_001_nats_of_exact."""
+    g = torch.Generator().manual_seed(7)
+    m = ReplicatedSoftmax(6, 5, generator=g, dtype=f64)
+    O.randomize(m, g, 0.3)
+    m32, m64 = _float32_copy(m)
+    lengths = torch.tensor([3, 8, 30])
+    exact = m64.log_partition(lengths).detach()
+    est = m32.ais_log_partition(lengths, num_chains=2000, steps_per_word=10, generator=torch.Generator().manual_seed(0))
+    assert est.log_z.dtype == torch.float32
+    assert bool(((est.log_z.double() - exact).abs() < 0.01).all()), (est.log_z, exact, est.stderr)
+
+
+# ---------------------------------------------------------------------------- PCD negatives under p_D
+def test_rsm_pcd_negatives_follow_each_documents_own_length():
+    """PCD with batches whose lengths change from call to call: after a few calls the negatives of
+    the documents of length D are distributed as p_D (the chains carry hidden states across
+    lengths).  Chains that kept the first batch's lengths would not even give documents of
+    the right length."""
+    m = _rsm(3, 2, seed=3, scale=0.8)
+    N = 6000
+    short, long_ = torch.zeros(N, 3, dtype=f64), torch.zeros(N, 3, dtype=f64)
+    short[:, 0], long_[:, 1] = 2, 5
+    g = torch.Generator().manual_seed(11)
+    for call in range(6):  # the same 2N chains; each one alternates between D = 5 and D = 2
+        batch = torch.cat([short, long_]) if call % 2 else torch.cat([long_, short])
+        neg = m.persistent_negatives(batch, k=4, generator=g)
+        assert torch.equal(neg.sum(-1), batch.sum(-1))
+    for sl, D in ((slice(0, N), 2), (slice(N, 2 * N), 5)):
+        states, probs = O.rsm_distribution(m, D)
+        assert O.total_variation(neg[sl], states, probs) < TV_BOUND
+        assert O.total_variation(batch[sl], states, probs) > 0.5  # the data are far from p_D
 
 
 # ---------------------------------------------------------------------------- training improves the likelihood
