@@ -45,11 +45,12 @@ is the CD-k update.  For the RSM, with σ⁰ = σ(D_n a + v⁰_n W), σ^k likewi
 (drop the D_n for the Bernoulli RBM).  The loss *value* is no log-likelihood;
 only its gradient means something.  ``persistent=True`` keeps the chains between
 calls (PCD, Tieleman 2008).  The RSM's negative for document n must come from
-p_{D_n}, its own length, so its chains persist *hidden* states (which have no
-length): each call draws the words of row n at the current D_n from a persistent h
-and runs the k sweeps from there (:meth:`~_RBMBase.persistent_negatives` says which
-chain serves which row).  The Bernoulli RBM's chains are visible states.  The chains
-are a buffer, ``persistent_chains``: ``state_dict()`` saves them and
+p_{D_n}, its own length, whatever the lengths of the batches before: a chain is
+carried from call to call as its last document, but only its hidden layer carries
+over: each call draws h from the chain's document (with the current parameters),
+then the words of row n at the current length D_n, k sweeps in all
+(:meth:`~_RBMBase.persistent_negatives` says which chain serves which row).  The
+chains are a buffer, ``persistent_chains``: ``state_dict()`` saves them and
 ``load_state_dict`` restores them, so a resumed run continues its chains (a state
 dict without them restarts the chains at the next batch).
 
@@ -68,8 +69,9 @@ document length t = 0 → D with the words summed out (π_t(h) ∝ e^{t·(h·a +
 one run for every length; the classic path anneals a temperature β = 0 → 1 from
 a base-rate model (Salakhutdinov & Murray 2008).  A trained RSM's topics
 separate in proportion to D, and on long documents the temperature path's
-chains stay in the wrong topic: on a 10-unit Reuters model it is 66 nats low
-at D = 369 where the length path is 0.18 nats off (examples/rsm_topics.py).
+chains stay in the wrong topic: on a 10-unit Reuters model it is 67 nats low
+at D = 369 where the length path is 0.37 nats off, within its standard error of
+0.20 (examples/rsm_topics.py, 100 chains).
 
 The seed's question (autodiff "gives nonsense", the hand-coded update "works")
 ---------------------------------------------------------------------------
@@ -210,8 +212,8 @@ class _RBMBase(nn.Module):
     ``_lengths`` (D per document, or ``None``), ``_input`` (u with
     p(h_j = 1 | v) = σ(u_j), for given parameters), ``_draw_visible`` (a draw from
     p(v | h) given its logits), ``_base_log_z`` (log Z of the AIS base model) and,
-    for PCD, ``_pcd_negatives`` / ``_chain_width`` (the RSM overrides the default
-    visible chains with hidden ones).
+    for PCD, ``_pcd_negatives`` (the RSM overrides the default: one chain per
+    document of the batch, words drawn at its length).
     """
 
     def __init__(
@@ -463,15 +465,19 @@ class _RBMBase(nn.Module):
           runs k sweeps v → h → v on all M chains and returns them, whatever the
           size of ``v0``.
         * :class:`ReplicatedSoftmax`: the negative phase of a document of length D_n is
-          under p_{D_n}, so the chains hold *hidden* states ``(M, F)``, which have no
-          length, and each call draws words at the current documents' lengths: row n
-          of ``v0`` (flattened) takes the n-th chain in first-in-first-out order, runs
-          k sweeps h → v (D_n words) → h', and its chain's new h' goes to the back of
-          the queue, so successive smaller batches use the chains in turn.  The chains
-          start (and, when a batch has more rows than there are chains, new ones are
-          added) at h ∼ p(h | v0_n) of the rows that take them, so the first call is
-          CD-k in distribution.  Returns ``v0.shape``: one negative per document, of
-          its length.
+          under p_{D_n}, so every call draws the words at the current documents'
+          lengths.  ``self.persistent_chains`` ``(M, K)`` holds each chain's last
+          document (of the length it was last drawn for).  Row n of ``v0``
+          (flattened) takes the n-th chain in first-in-first-out order and runs k
+          sweeps: h ∼ p(h | chain's document), then D_n words ∼ p(v | h), then
+          h ∼ p(h | those words), ...; the k-th draw of D_n words is the negative and
+          replaces the chain's document, which goes to the back of the queue, so
+          successive smaller batches use the chains in turn.  The chain's old document
+          reaches the negative only through h, so the negative has the current length
+          D_n.  The chains start at the first batch's
+          documents (the first call is CD-k exactly), and when a batch has more rows
+          than there are chains, the rows without one start new chains at their data.
+          Returns ``v0.shape``: one negative per document, of its length.
 
         Args:
             v0: ``(*batch, K)`` the current data (for the RSM its lengths; also the
@@ -481,6 +487,14 @@ class _RBMBase(nn.Module):
         Returns:
             The negatives, detached: ``(M, K)`` (RBM) or ``v0.shape`` (RSM).
         Complexity: O(k·M·K·F) (RBM), O(k·B·(K·F + max D)) (RSM).
+        Example:
+            >>> import torch, structgrad as sg
+            >>> g = torch.Generator().manual_seed(0)
+            >>> rsm = sg.ReplicatedSoftmax(num_visible=4, num_hidden=2, generator=g)
+            >>> rsm.persistent_negatives(torch.tensor([[3, 0, 1, 0], [1, 1, 0, 0]]), generator=g).sum(-1)
+            tensor([4., 2.])
+            >>> rsm.persistent_negatives(torch.tensor([[0, 9, 0, 0]]), generator=g).sum(-1)  # first chain, now 9 words
+            tensor([9.])
         """
         v0 = self._check_visible(v0, "v0")
         if v0.numel() == 0:
@@ -500,10 +514,6 @@ class _RBMBase(nn.Module):
         vk = self._gibbs(start, k, generator)
         self.persistent_chains = vk
         return vk
-
-    def _chain_width(self) -> int:
-        """The last dimension of ``persistent_chains``."""
-        return self.num_visible
 
     def reset_chains(self) -> None:
         """Forget the persistent (PCD) chains; the next ``cd_loss(persistent=True)`` restarts them at its data."""
@@ -531,10 +541,10 @@ class _RBMBase(nn.Module):
             not isinstance(chains, torch.Tensor)
             or not chains.dtype.is_floating_point
             or chains.dim() != 2
-            or chains.shape[1] != self._chain_width()
+            or chains.shape[1] != self.num_visible
         ):
             error_msgs.append(
-                f"{key}: expected a floating-point tensor of shape (M, {self._chain_width()}), got "
+                f"{key}: expected a floating-point tensor of shape (M, {self.num_visible}), got "
                 f"{V.fmt_shape(chains.shape) if isinstance(chains, torch.Tensor) else type(chains).__name__}"
                 f"{' of dtype ' + str(chains.dtype) if isinstance(chains, torch.Tensor) else ''}"
             )
@@ -835,9 +845,9 @@ class ReplicatedSoftmax(_RBMBase):
     Parameters:
         ``weight (K, F)`` = W, ``visible_bias (K,)`` = b, ``hidden_bias (F,)`` = a.
     Buffers:
-        ``persistent_chains``: ``None``, or ``(M, F)`` the PCD chains' *hidden*
-        states; each PCD call draws the words at the current documents' lengths from
-        them (in the state dict once they exist; see :meth:`persistent_negatives`).
+        ``persistent_chains``: ``None``, or ``(M, K)`` the PCD chains' last documents;
+        each PCD call draws h from them and then the words at the current documents'
+        lengths (in the state dict once they exist; see :meth:`persistent_negatives`).
     Shapes:
         v: ``(*batch, K)`` non-negative integer counts (integer dtype, or the
         parameters' float dtype with integral values), each document of length ≥ 1.
@@ -907,26 +917,22 @@ class ReplicatedSoftmax(_RBMBase):
 
     _pcd_per_document = True
 
-    def _chain_width(self) -> int:
-        return self.num_hidden
-
     def _pcd_negatives(self, v0: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
-        # Persistent hidden states (M, F); row n takes chain n of the FIFO queue, draws its
-        # words at its own length D_n, and its chain goes to the back of the queue.
+        # Row n takes chain n of the FIFO queue of stored documents; each sweep draws h from
+        # the chain's current document (its own length, the current parameters) and then
+        # the words at the row's length D_n; the chain goes to the back of the queue.
         D = self._lengths(v0)
         B = v0.shape[0]
         with torch.no_grad():
-            H = self.persistent_chains
-            M = 0 if H is None else H.shape[0]
-            if B > M:  # start chains for the rows that have none, at h ~ p(h | v0_n)
-                new = self._sample_hidden(v0[M:], D[M:], generator)
-                H = new if H is None else torch.cat([H, new])
-                M = B
-            h = H[:B]
+            chains = self.persistent_chains
+            M = 0 if chains is None else chains.shape[0]
+            if B > M:  # new chains start at the data of the rows that take them
+                chains = v0[M:] if chains is None else torch.cat([chains, v0[M:]])
+            v = chains[:B]
             for _ in range(k):
+                h = self._sample_hidden(v, self._lengths(v), generator)
                 v = self._draw_visible(self._visible_logits(h), D, generator)
-                h = self._sample_hidden(v, D, generator)
-            self.persistent_chains = torch.cat([H[B:], h])
+            self.persistent_chains = torch.cat([chains[B:], v])
         return v
 
     def sample_visible(
@@ -1027,9 +1033,9 @@ class ReplicatedSoftmax(_RBMBase):
         min(1, exp((t − ⌊t⌋)(r(h') − r(h)))) (Metropolis–Hastings; always at whole
         t).  One run serves every length up to max(D).  The modes of a trained RSM
         (topics) separate in proportion to D, so chains choose among them while
-        documents are still short: on a 10-unit Reuters model this path is 0.18
-        nats off the exact log Z_369 where the temperature path (1000 β) is 66 nats
-        low; on a 20-unit one, within 0.2 nats over all test lengths.
+        documents are still short: on a 10-unit Reuters model (100 chains) this
+        path is 0.37 nats off the exact log Z_369 (standard error 0.20) where the
+        temperature path (1000 β) is 67 nats low.
 
         ``path="temperature"``: Salakhutdinov & Murray's path, β from 0 to 1,
         p*_β(V) = exp(v·((1−β) b_A + β b)) Π_j (1 + exp(β (s(D) a_j + (vW)_j))), from the

@@ -330,9 +330,25 @@ def test_no_nan_for_scores_up_to_1e4_in_float32():
 
 
 # ---------------------------------------------------------------------------- persistent chains
+def test_rsm_pcd_chains_take_the_current_batchs_lengths():
+    """cd_loss(persistent=True) on batches of different lengths: the chains that served the
+    current batch hold documents of the current lengths (they were its negatives)."""
+    m = _rsm(5, 3, seed=1)
+    g = torch.Generator().manual_seed(0)
+    v1 = _docs(3, 5, seed=2)
+    m.cd_loss(v1, k=1, persistent=True, generator=g)
+    assert torch.equal(m.persistent_chains.sum(-1), v1.sum(-1))
+    v2 = torch.tensor([[9.0, 0, 0, 3, 0], [0, 1, 0, 0, 0], [2, 2, 2, 2, 2]], dtype=f64)
+    assert not torch.equal(v2.sum(-1), v1.sum(-1))
+    loss = m.cd_loss(v2, k=2, persistent=True, generator=g)
+    neg = m.persistent_chains
+    assert neg.shape == (3, 5) and torch.equal(neg.sum(-1), v2.sum(-1))
+    torch.testing.assert_close(loss, m.free_energy(v2).mean() - m.free_energy(neg).mean())
+
+
 def test_rsm_pcd_negatives_have_the_current_documents_lengths():
     """PCD on the RSM: the negative of each document is drawn at that document's own length,
-    batch after batch (the chains persist hidden states, not documents)."""
+    batch after batch, not at the length of the document its chain last held."""
     m = _rsm(5, 3, seed=1)
     g = torch.Generator().manual_seed(0)
     assert m.persistent_chains is None
@@ -340,7 +356,9 @@ def test_rsm_pcd_negatives_have_the_current_documents_lengths():
     n1 = m.persistent_negatives(v1, k=1, generator=g)
     assert n1.shape == (4, 5) and torch.equal(n1.sum(-1), v1.sum(-1))
     c1 = m.persistent_chains.clone()
-    assert c1.shape == (4, 3) and bool(((c1 == 0) | (c1 == 1)).all())
+    assert c1.shape == (4, 5) and torch.equal(c1, n1)  # the chains hold their last documents
+    # the first call is CD-k exactly: the chains start at the data
+    torch.testing.assert_close(n1, m.gibbs(v1, 1, generator=torch.Generator().manual_seed(0)))
     # a later, smaller batch of other lengths: negatives at *its* lengths, from chains 0 and 1
     v2 = torch.tensor([[9.0, 0, 0, 3, 0], [0, 1, 0, 0, 0]], dtype=f64)
     assert not torch.equal(v2.sum(-1), v1[:2].sum(-1))
@@ -348,12 +366,12 @@ def test_rsm_pcd_negatives_have_the_current_documents_lengths():
     assert n2.shape == (2, 5) and torch.equal(n2.sum(-1), v2.sum(-1))
     c2 = m.persistent_chains
     # first in, first out: the unused chains 2, 3 move to the front, the two used ones to the back
-    assert c2.shape == (4, 3) and torch.equal(c2[:2], c1[2:])
+    assert c2.shape == (4, 5) and torch.equal(c2[:2], c1[2:]) and torch.equal(c2[2:], n2)
     # the next batch is served by chains 2, 3 (then the used ones): here a leading batch shape
     v3 = _docs(6, 5, max_count=7, seed=5).reshape(2, 3, 5)
     n3 = m.persistent_negatives(v3, k=1, generator=g)
     assert n3.shape == (2, 3, 5) and torch.equal(n3.sum(-1), v3.sum(-1))
-    assert m.persistent_chains.shape == (6, 3)  # two chains added for the larger batch
+    assert m.persistent_chains.shape == (6, 5)  # two chains added for the larger batch
     # cd_loss(persistent=True) is cd_loss with these negatives (same generator state)
     v4 = _docs(3, 5, max_count=6, seed=6)
     twin = copy.deepcopy(m)
@@ -416,8 +434,7 @@ def test_pcd_chains_are_saved_and_restored_by_state_dict(kind):
     fresh.load_state_dict({k: t for k, t in sd.items() if k != "persistent_chains"})
     assert fresh.persistent_chains is None
     # chains of the wrong width are refused by load_state_dict
-    width = 3 if kind == "rsm" else 5
-    with pytest.raises(RuntimeError, match=rf"persistent_chains: expected a floating-point tensor of shape \(M, {width}\), got \(2, 7\)"):
+    with pytest.raises(RuntimeError, match=r"persistent_chains: expected a floating-point tensor of shape \(M, 5\), got \(2, 7\)"):
         fresh.load_state_dict({**sd, "persistent_chains": torch.zeros(2, 7, dtype=f64)})
 
 
@@ -649,7 +666,7 @@ def test_leading_batch_dimensions():
     flat = m.cd_loss(v.reshape(6, 5), negatives=vk.reshape(6, 5))
     torch.testing.assert_close(m.cd_loss(v, negatives=vk), flat)
     m.cd_loss(v, persistent=True, generator=g)
-    assert m.persistent_chains.shape == (6, 3)  # the RSM's chains are hidden states
+    assert m.persistent_chains.shape == (6, 5)
     assert m.persistent_negatives(v, generator=g).shape == (2, 3, 5)
     r = _rbm(4, 2)
     b = _bits(6, 4).reshape(3, 2, 4)

@@ -30,6 +30,12 @@ def _rbm(K, F_, seed, scale):
     return m
 
 
+def _float32_copy(model):
+    """(float32 model, float64 model) with the same (float32-representable) parameter values."""
+    m32 = copy.deepcopy(model).float()
+    return m32, copy.deepcopy(m32).double()
+
+
 # ---------------------------------------------------------------------------- Gibbs reaches p(v)
 TV_BOUND = 0.03  # with 20000 chains the sampling noise alone gives TV ≈ 0.01 on ~15 states
 
@@ -218,12 +224,6 @@ def test_rbm_ais_within_001_nats_of_exact():
     assert abs(float(est2.log_z) - exact) < 0.01, (est2.log_z, exact, est2.stderr)
 
 
-def _float32_copy(model):
-    """(float32 model, float64 model) with the same (float32-representable) parameter values."""
-    m32 = copy.deepcopy(model).float()
-    return m32, copy.deepcopy(m32).double()
-
-
 @pytest.mark.parametrize("path", ["length", "temperature", "rbm"])
 def test_ais_runs_in_float64_whatever_the_model_dtype(path):
     """A float32 model gets the float64 model's AIS estimate (same parameter values, same seed),
@@ -266,8 +266,8 @@ def test_float32_rsm_ais_within_001_nats_of_exact():
 # ---------------------------------------------------------------------------- PCD negatives under p_D
 def test_rsm_pcd_negatives_follow_each_documents_own_length():
     """PCD with batches whose lengths change from call to call: after a few calls the negatives of
-    the documents of length D are distributed as p_D (the chains carry hidden states across
-    lengths).  Chains that kept the first batch's lengths would not even give documents of
+    the documents of length D are distributed as p_D (only a chain's hidden layer carries over
+    from one length to the next).  Chains that kept the first batch's lengths would not even give documents of
     the right length."""
     m = _rsm(3, 2, seed=3, scale=0.8)
     N = 6000
@@ -276,8 +276,9 @@ def test_rsm_pcd_negatives_follow_each_documents_own_length():
     g = torch.Generator().manual_seed(11)
     for call in range(6):  # the same 2N chains; each one alternates between D = 5 and D = 2
         batch = torch.cat([short, long_]) if call % 2 else torch.cat([long_, short])
-        neg = m.persistent_negatives(batch, k=4, generator=g)
-        assert torch.equal(neg.sum(-1), batch.sum(-1))
+        m.cd_loss(batch, k=4, persistent=True, generator=g)
+        neg = m.persistent_chains  # a full batch uses every chain, in order: these are the negatives
+        assert neg.shape == batch.shape and torch.equal(neg.sum(-1), batch.sum(-1))
     for sl, D in ((slice(0, N), 2), (slice(N, 2 * N), 5)):
         states, probs = O.rsm_distribution(m, D)
         assert O.total_variation(neg[sl], states, probs) < TV_BOUND
