@@ -145,6 +145,14 @@ class _Problem:
             return self.edge[t]
         return self.edge[:, t]
 
+    def steps(self, E: torch.Tensor | None = None) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
+        """``[E_0, ..., E_{T−2}]``: views of ``E`` (default: the edge scores; or a tensor of
+        the edge's layout) per transition, made in one call rather than T − 1 indexings."""
+        E = self.edge if E is None else E
+        if self.mode == "shared":
+            return [E] * (self.T - 1)
+        return E.unbind(0) if self.mode == "positional" else E.unbind(1)
+
     def unflatten(self, x: torch.Tensor, event: tuple[int, ...]) -> torch.Tensor:
         return x.reshape(tuple(self.batch) + tuple(event)).to(self.dtype)
 
@@ -177,9 +185,10 @@ def _log_alpha(p: _Problem) -> tuple[torch.Tensor, torch.Tensor]:
     alpha = torch.empty_like(node)
     c = torch.empty(node.shape[:-1], dtype=node.dtype, device=node.device)
     a = node[:, 0]
+    es = p.steps()
     for t in range(p.T):
         if t > 0:
-            a = torch.logsumexp(a.unsqueeze(2) + p.edge_at(t - 1), dim=1).add_(node[:, t])
+            a = torch.logsumexp(a.unsqueeze(2) + es[t - 1], dim=1).add_(node[:, t])
         ct = torch.logsumexp(a, dim=-1, keepdim=True)
         a = a - _finite_or_zero_(ct.clone())
         alpha[:, t] = a
@@ -193,8 +202,9 @@ def _log_beta(p: _Problem) -> torch.Tensor:
     node = p.node
     beta = torch.zeros_like(node)
     b = torch.zeros_like(node[:, 0])
+    es = p.steps()
     for t in range(p.T - 2, -1, -1):
-        nb = torch.logsumexp(p.edge_at(t) + (node[:, t + 1] + b).unsqueeze(1), dim=2)
+        nb = torch.logsumexp(es[t] + (node[:, t + 1] + b).unsqueeze(1), dim=2)
         nb.sub_(_finite_or_zero_(nb.amax(-1, keepdim=True)))
         if p.lengths is not None:
             nb = torch.where((p.lengths > t + 1).unsqueeze(-1), nb, torch.zeros((), dtype=nb.dtype, device=nb.device))
@@ -239,14 +249,6 @@ def _exp_kernel(p: _Problem) -> torch.Tensor:
     return torch.sub(p.edge, p.emax[:, :, None, None]).exp_()  # one edge-sized buffer
 
 
-def _kernel_at(p: _Problem, K: torch.Tensor, t: int) -> torch.Tensor:
-    if p.mode == "shared":
-        return K
-    if p.mode == "positional":
-        return K[t]
-    return K[:, t]
-
-
 def _exp_forward(p: _Problem):
     """Forward filter α̂ (T, B, C), rows summing to 1, and per-step masses s (T, B, 1):
     α̃_t = (α̂_{t−1} K_{t−1}) ⊙ P_t,  P_t = exp(node_t − max node_t),  s_t = Σ_j α̃_t,  α̂_t = α̃_t / s_t.
@@ -257,7 +259,7 @@ def _exp_forward(p: _Problem):
     s = torch.empty(P.shape[:-1] + (1,), dtype=P.dtype, device=P.device)
     tmp = torch.empty_like(P[0])
     al, ss, Ps = alpha.unbind(0), s.unbind(0), P.unbind(0)
-    Ks = [_kernel_at(p, K, t) for t in range(p.T - 1)]
+    Ks = p.steps(K)
     tmp1 = tmp.unsqueeze(1)
     al[0].copy_(Ps[0])
     torch.sum(al[0], -1, keepdim=True, out=ss[0])
@@ -296,9 +298,10 @@ def _exp_backward(p: _Problem, state, weight, consume: bool):
         keep = (torch.arange(p.T, device=alpha.device).unsqueeze(1) + 1 < p.lengths.unsqueeze(0)).unsqueeze(-1)
     bs, Ws = beta.unbind(0), W.unbind(0)
     u1 = u.unsqueeze(-1)
+    Ks = p.steps(K)
     for t in range(p.T - 2, -1, -1):
         torch.mul(Ws[t + 1], bs[t + 1], out=u)
-        Kt = _kernel_at(p, K, t)
+        Kt = Ks[t]
         if Kt.dim() == 2:
             torch.mm(u, Kt.t(), out=bs[t])
         else:
@@ -555,18 +558,25 @@ def _viterbi(p: _Problem) -> torch.Tensor:
     v = torch.empty_like(node)
     x = torch.empty((B, C, C), dtype=node.dtype, device=dev)
     best = torch.empty((B, C), dtype=node.dtype, device=dev)
-    vs, ns = v.unbind(0), node.unbind(0)
-    es = [p.edge_at(t) for t in range(T - 1)]
+    vs, ns, vcols = v.unbind(0), node.unbind(0), v.unsqueeze(-1).unbind(0)
+    # per-instance edges already have the input's size: fold node_{t+1} into them in
+    # one vectorised add, leaving two small ops per step (shared edges are never
+    # materialised per position, so they keep three)
+    folded = p.mode == "full"
+    E_scan = p.edge + p.node[:, 1:].unsqueeze(-2) if folded else p.edge
+    es = p.steps(E_scan)
     on_cpu = dev.type == "cpu"
     bp = None if on_cpu else torch.zeros((T, B, C), dtype=torch.long, device=dev)
     vs[0].copy_(ns[0])
     for t in range(1, T):
-        torch.add(vs[t - 1].unsqueeze(2), es[t - 1], out=x)
+        torch.add(vcols[t - 1], es[t - 1], out=x)
+        out = vs[t] if folded else best
         if on_cpu:  # amax is much cheaper than max-with-indices here; argmax is redone on back-tracking
-            torch.amax(x, dim=1, out=best)
+            torch.amax(x, dim=1, out=out)
         else:  # on a GPU the indices come free, and one transfer beats a kernel per back step
-            torch.max(x, dim=1, out=(best, bp[t]))
-        torch.add(best, ns[t], out=vs[t])
+            torch.max(x, dim=1, out=(out, bp[t]))
+        if not folded:
+            torch.add(best, ns[t], out=vs[t])
         if t % 16 == 0:
             vs[t].sub_(_finite_or_zero_(vs[t].amax(-1, keepdim=True)))
     L = p.lengths if p.lengths is not None else torch.full((B,), T, dtype=torch.long, device=dev)
@@ -575,7 +585,8 @@ def _viterbi(p: _Problem) -> torch.Tensor:
     feasible = torch.isfinite(v_end.amax(-1)) & (L > 0)
     y_end = v_end.argmax(-1)
     if on_cpu:
-        labels = torch.from_numpy(_backtrack_numpy(p, v.numpy(), y_end.numpy(), L.numpy()))
+        # back-track through the very scores the forward maximised (exact same argmaxes)
+        labels = torch.from_numpy(_backtrack_numpy(p, v.numpy(), y_end.numpy(), L.numpy(), E_scan.numpy()))
     else:
         labels = torch.from_numpy(_follow_pointers(bp.cpu().numpy(), y_end.cpu().numpy(), L.cpu().numpy())).to(dev)
     return torch.where(feasible.unsqueeze(1), labels, torch.full_like(labels, -1))
@@ -605,10 +616,10 @@ def _edge_column(p: _Problem, E, t: int, y, rows):
     return E[rows, t, :, y]
 
 
-def _backtrack_numpy(p: _Problem, v, y_end, L):
-    """Back-tracking on the CPU: y_t = argmax_i (v_t[i] + edge_t[i, y_{t+1}]) for t < L − 1."""
+def _backtrack_numpy(p: _Problem, v, y_end, L, E):
+    """Back-tracking on the CPU: y_t = argmax_i (v_t[i] + E_t[i, y_{t+1}]) for t < L − 1,
+    E the transition scores the forward pass maximised over (edge layout)."""
     B, T = p.B, p.T
-    E = p.edge.numpy()
     labels = np.full((B, T), -1, dtype=np.int64)
     if B <= 4:  # a scalar loop per instance beats vector ops on tiny batches
         for b in range(B):
