@@ -195,16 +195,16 @@ def _check_index(index: Any, B: int, num_samples: int, device: torch.device) -> 
     V.check_shape(index, (B,), "index", "(the dataset position of each row of sim)")
     if index.device != device:
         raise DeviceError(f"index is on device {index.device} but sim is on {device}; expected the same device")
-    uniq = torch.unique(index)  # sorted
-    lo, hi = uniq[[0, -1]].tolist()
+    srt = torch.sort(index).values  # one sort gives min, max and duplicates, one host sync
+    same = srt[1:] == srt[:-1]
+    lo, hi, dup = torch.stack((srt[0].long(), srt[-1].long(), same.any().long())).tolist()
     if lo < 0 or hi >= num_samples:
         raise DomainError(
             f"index: expected dataset positions in [0, {num_samples - 1}] (num_samples = {num_samples}), "
             f"got min {lo} and max {hi}"
         )
-    if uniq.numel() != B:
-        srt = torch.sort(index).values
-        d = srt[1:][srt[1:] == srt[:-1]].unique()[:5].tolist()
+    if dup:
+        d = srt[1:][same].unique()[:5].tolist()
         raise DomainError(
             f"index: expected distinct dataset positions in one batch (each pair once), got duplicates {d}"
         )
