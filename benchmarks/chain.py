@@ -41,13 +41,10 @@ import structgrad as sg
 
 def _peers():
     try:
-        import torch_struct  # noqa: F401
-        from torchcrf import CRF  # noqa: F401
+        import torch_struct
+        from torchcrf import CRF
     except ImportError as e:  # pragma: no cover - a clear message for a missing peer
         sys.exit(f"missing peer ({e}); install: pip install --no-deps torch-struct==0.5 pytorch-crf==0.7.2")
-    import torch_struct
-    from torchcrf import CRF
-
     return torch_struct, CRF
 
 

@@ -103,7 +103,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from structgrad._validate import check_positive_int, fmt_shape
+from structgrad._validate import check_positive_int, check_real, fmt_shape
 from structgrad.errors import (
     DomainError,
     DTypeError,
@@ -204,11 +204,7 @@ def _time_limit(x: Any, name: str, unit: str) -> float | None:
     """``None`` or a finite number > 0, as a float."""
     if x is None:
         return None
-    if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)):
-        raise DTypeError(f"{name}: expected a number of {unit} or None, got {type(x).__name__}")
-    if not (np.isfinite(x) and x > 0):
-        raise DomainError(f"{name}: expected a finite number of {unit} > 0, got {x}")
-    return float(x)
+    return check_real(x, name, lo=0.0, lo_open=True, what=f"a number of {unit} or None")
 
 
 def _available_cores() -> int:

@@ -6,8 +6,10 @@ expected and what came.  None of them mutates or copies its input.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from .errors import DeviceError, DomainError, DTypeError, ShapeError
@@ -22,6 +24,8 @@ __all__ = [
     "check_index_tensor",
     "check_lengths",
     "check_generator",
+    "check_real",
+    "check_positive_int",
 ]
 
 
@@ -125,6 +129,35 @@ def check_generator(generator: Any, device: torch.device, name: str = "generator
             f"{name} is a {generator.device.type} generator but theta is on {device}; "
             f"create it with torch.Generator(device=theta.device)"
         )
+
+
+def check_real(
+    x: Any,
+    name: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    allow_inf: bool = False,
+    tensors: bool = False,
+    what: str = "a real number",
+) -> float:
+    """``x`` is a real number (Python or NumPy; with ``tensors``, also a one-element
+    floating tensor), finite unless ``allow_inf``, in ``[lo, hi]`` (``(lo, hi]`` with
+    ``lo_open``); returns it as a float.  ``what`` names the expected kind in messages."""
+    ok = isinstance(x, (int, float, np.integer, np.floating)) or (
+        tensors and isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype.is_floating_point
+    )
+    if isinstance(x, (bool, np.bool_)) or not ok:
+        raise DTypeError(f"{name}: expected {what}, got {type(x).__name__}")
+    v = float(x)
+    if math.isnan(v) or (math.isinf(v) and not allow_inf):
+        raise DomainError(f"{name}: expected a finite number, got {v}")
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise DomainError(f"{name}: expected a value {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise DomainError(f"{name}: expected a value <= {hi}, got {v}")
+    return v
 
 
 def check_positive_int(x: Any, name: str, minimum: int = 1) -> int:

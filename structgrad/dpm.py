@@ -129,20 +129,8 @@ class DPMOutput(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- checks
-def _check_real(x: Any, name: str, *, lo: float | None = None, hi: float | None = None,
-                lo_open: bool = False, allow_inf: bool = False) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) and not (
-        isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype.is_floating_point
-    ):
-        raise DTypeError(f"{name}: expected a real number, got {type(x).__name__}")
-    v = float(x)
-    if math.isnan(v) or (math.isinf(v) and not allow_inf):
-        raise DomainError(f"{name}: expected a finite number, got {v}")
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise DomainError(f"{name}: expected a value {'>' if lo_open else '>='} {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise DomainError(f"{name}: expected a value <= {hi}, got {v}")
-    return v
+def _check_real(x: Any, name: str, **bounds: Any) -> float:
+    return V.check_real(x, name, tensors=True, **bounds)
 
 
 def _check_xi(x: Any, name: str) -> float:

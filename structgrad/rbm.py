@@ -229,10 +229,7 @@ class _RBMBase(nn.Module):
         super().__init__()
         self.num_visible = V.check_positive_int(num_visible, "num_visible")
         self.num_hidden = V.check_positive_int(num_hidden, "num_hidden")
-        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)):
-            raise DTypeError(f"init_std: expected a float, got {type(init_std).__name__}")
-        if not math.isfinite(init_std) or init_std < 0:
-            raise DomainError(f"init_std: expected a finite float >= 0, got {init_std!r}")
+        init_std = V.check_real(init_std, "init_std", lo=0.0, what="a float")
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise DTypeError(
                 f"dtype: expected a floating-point torch.dtype (e.g. torch.float32) or None, got {type(dtype).__name__}"

@@ -32,7 +32,7 @@ hook.  ``_log_partition`` must be differentiable with gradient ``marginals``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch

@@ -30,7 +30,7 @@ import itertools
 import torch
 
 from . import _validate as V
-from .errors import CapabilityError, DTypeError, ShapeError, StructgradError
+from .errors import CapabilityError, ShapeError, StructgradError
 from .logspace import logsumexp, safe_dot
 from .nll import nll
 from .registry import get_solver

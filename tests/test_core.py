@@ -328,3 +328,21 @@ def test_brute_force_batched_kwargs_are_explicit():
     assert seen == [(3,)] * 3
     with pytest.raises(sg.ShapeError, match=r"weights: expected leading dims \(3,\)"):
         BruteForce("categorical", enum, batched_kwargs=("weights",)).log_partition(th, weights=torch.ones(2))
+
+
+def test_check_real_shared_by_the_objectives_and_solvers():
+    import numpy as np
+
+    from structgrad import _validate as V
+
+    assert V.check_real(np.float32(0.5), "tau", lo=0.0, lo_open=True) == 0.5
+    assert V.check_real(torch.tensor(2.0), "xi", tensors=True) == 2.0
+    with pytest.raises(sg.DTypeError, match="tau: expected a real number, got Tensor"):
+        V.check_real(torch.tensor(2.0), "tau")
+    with pytest.raises(sg.DTypeError, match="flag: expected a real number, got bool"):
+        V.check_real(True, "flag")
+    with pytest.raises(sg.DomainError, match=r"tau: expected a value > 0.0, got 0.0"):
+        V.check_real(0, "tau", lo=0.0, lo_open=True)
+    with pytest.raises(sg.DomainError, match="tau: expected a finite number, got inf"):
+        V.check_real(float("inf"), "tau")
+    assert sg.DPMLoss(10, tau=np.float32(0.25), gamma=0.9, xi=0.0).tau == 0.25

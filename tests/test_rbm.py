@@ -571,9 +571,9 @@ def test_bad_constructor_arguments():
         ReplicatedSoftmax(0, 3)
     with pytest.raises(DTypeError, match="num_hidden: expected an integer, got float"):
         BernoulliRBM(3, 2.0)
-    with pytest.raises(DomainError, match=r"init_std: expected a finite float >= 0, got -1\.0"):
+    with pytest.raises(DomainError, match=r"init_std: expected a value >= 0\.0, got -1\.0"):
         BernoulliRBM(3, 2, init_std=-1.0)
-    with pytest.raises(DomainError, match=r"init_std: expected a finite float >= 0, got nan"):
+    with pytest.raises(DomainError, match=r"init_std: expected a finite number, got nan"):
         BernoulliRBM(3, 2, init_std=float("nan"))
     with pytest.raises(DTypeError, match="init_std: expected a float, got str"):
         BernoulliRBM(3, 2, init_std="0.1")
