@@ -24,7 +24,9 @@ __all__ = ["BernoulliSolver"]
 class BernoulliSolver(Solver):
     """Exact solver for independent Bernoulli bits; see the module docstring.  O(n)."""
 
-    capabilities = Capabilities(map="exact", marginals="exact", log_partition="exact", sample="exact")
+    capabilities = Capabilities(
+        map="exact", marginals="exact", log_partition="exact", sample="exact", differentiable_marginals=True
+    )
     event_ndim = 1
 
     def _map(self, theta: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,9 @@ class CategoricalSolver(Solver):
     Complexity O(n) per instance for every operation; batched; CPU and CUDA.
     """
 
-    capabilities = Capabilities(map="exact", marginals="exact", log_partition="exact", sample="exact")
+    capabilities = Capabilities(
+        map="exact", marginals="exact", log_partition="exact", sample="exact", differentiable_marginals=True
+    )
     event_ndim = 1
 
     def _map(self, theta: torch.Tensor) -> torch.Tensor:

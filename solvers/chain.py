@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from structgrad import _validate as V
+from structgrad import checks as V
 from structgrad.errors import DomainError, ShapeError
 from structgrad.logspace import gumbel_argmax
 from structgrad.solver import Capabilities, Solver
@@ -449,6 +449,8 @@ class ChainSolver(Solver):
     """
 
     capabilities = Capabilities(map="exact", marginals="exact", log_partition="exact", sample="exact")
+    call_kwargs = ("lengths",)
+    batched_kwargs = ("lengths",)
 
     def __init__(self, backend: str = "torch"):
         if backend not in _BACKENDS:
@@ -469,7 +471,7 @@ class ChainSolver(Solver):
             )
         return theta[0], theta[1]
 
-    def _check_theta(self, theta: Any) -> Any:
+    def check_theta(self, theta: Any) -> Any:
         node, edge = self._split(theta)
         V.check_float_tensor(node, "node")
         V.check_float_tensor(edge, "edge")
@@ -488,11 +490,20 @@ class ChainSolver(Solver):
                 f"expected edge of shape {V.fmt_shape(batch + (T - 1, C, C))} (*batch, T-1, C, C), "
                 f"{V.fmt_shape((T - 1, C, C))} (shared by the batch) or {V.fmt_shape((C, C))} (shared by every position)"
             )
-        return super()._check_theta((node, edge))
+        return super().check_theta((node, edge))
+
+    def check_kwargs(self, theta: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``lengths``: integers of shape ``(*batch,)`` in ``[0, T]`` (values checked when ``validate``)."""
+        node = theta[0]
+        if kwargs.get("lengths") is not None:
+            lengths = V.check_lengths(
+                kwargs["lengths"], node.shape[:-2], node.shape[-2], node.device, check_values=self.validate
+            )
+            kwargs = {**kwargs, "lengths": lengths}
+        return super().check_kwargs(theta, kwargs)
 
     def _problem(self, theta: Any, lengths: Any) -> _Problem:
         node, edge = theta
-        lengths = V.check_lengths(lengths, node.shape[:-2], node.shape[-2], node.device)
         return _Problem(node.detach(), edge.detach(), lengths)
 
     # -- hooks

@@ -103,7 +103,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from structgrad._validate import check_positive_int, check_real, fmt_shape
+from structgrad.checks import check_positive_int, check_real, fmt_shape
 from structgrad.errors import (
     DomainError,
     DTypeError,
@@ -445,7 +445,7 @@ class ILPSolver(Solver):
         self._plan = plan
         self.method = "assignment" if plan is not None else "cp-sat"
         if self._limited:
-            self.capabilities = Capabilities(map="approximate", devices=("cpu", "cuda"), batched=False)
+            self.capabilities = type(self).capabilities.replace(map="approximate")
         self._build_model()
 
     # ------------------------------------------------------------------ copying
@@ -508,7 +508,7 @@ class ILPSolver(Solver):
             :class:`ILPResult` with ``z (*b, n)``, ``value (*b,)`` = ⟨z, θ⟩ and
             ``optimal (*b,)`` (False only where a time limit stopped CP-SAT early).
         """
-        theta = self._check_theta(theta)
+        theta = self.check_theta(theta)
         z, optimal = self._solve(theta)
         value = safe_dot(z, theta.detach(), 1)
         return ILPResult(z=z, value=value, optimal=torch.from_numpy(optimal).reshape(theta.shape[:-1]).to(theta.device))

@@ -479,7 +479,9 @@ class KSubsetSolver(Solver):
                 [3., 3., 3., 3.]])
     """
 
-    capabilities = Capabilities(map="exact", marginals="exact", log_partition="exact", sample="exact")
+    capabilities = Capabilities(
+        map="exact", marginals="exact", log_partition="exact", sample="exact", differentiable_marginals=True
+    )
     event_ndim = 1
 
     def __init__(self, k: int | None = None, *, backend: str = "torch", schedule: str = "auto", sampler: str = "auto"):
@@ -499,9 +501,7 @@ class KSubsetSolver(Solver):
         if backend == "numba":
             if importlib.util.find_spec("numba") is None:
                 raise DomainError("backend: 'numba' needs the numba package, which is not installed; use backend='torch'")
-            self.capabilities = Capabilities(
-                map="exact", marginals="exact", log_partition="exact", sample="exact", devices=("cpu",)
-            )
+            self.capabilities = type(self).capabilities.replace(devices=("cpu",))
         self.k = k
         self.backend = backend
         self.schedule = schedule

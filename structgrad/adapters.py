@@ -62,7 +62,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import _validate as V
+from . import checks as V
 from .errors import DomainError, DTypeError, ShapeError, SolverOutputError
 from .solver import Capabilities, Solver, check_map_output
 
@@ -105,12 +105,7 @@ def _batched_kwarg(name: str, v: Any, batch: tuple[int, ...]) -> np.ndarray:
                 f"{name} is in batched_kwargs), got {type(v).__name__} ({e})"
             ) from None
         arr.flags.writeable = False
-    if tuple(arr.shape[: len(batch)]) != batch:
-        raise ShapeError(
-            f"{name}: expected shape ({', '.join(str(b) for b in batch)}, ...) with leading dims the batch "
-            f"shape of theta {V.fmt_shape(batch)} ({name} is in batched_kwargs; nothing is broadcast), "
-            f"got {V.fmt_shape(arr.shape)}"
-        )
+    V.check_leading_shape(arr, batch, name, f"(the batch shape of theta; {name} is in batched_kwargs)")
     return arr
 
 
@@ -163,6 +158,7 @@ class PerInstanceSolver(Solver):
     """
 
     capabilities = Capabilities(map="exact", batched=False)
+    call_kwargs = None  # whatever ``fn`` accepts: shared keywords reach it whole
 
     def __init__(
         self,

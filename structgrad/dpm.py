@@ -84,7 +84,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import _validate as V
+from . import checks as V
 from . import logspace as ls
 from .errors import DeviceError, DomainError, DTypeError, ShapeError
 

@@ -19,6 +19,7 @@ __all__ = [
     "InfeasibleError",
     "SolverTimeoutError",
     "GraphError",
+    "UnknownArgumentError",
 ]
 
 
@@ -64,3 +65,7 @@ class SolverTimeoutError(StructgradError, RuntimeError):
 
 class GraphError(StructgradError, ValueError):
     """A graph argument is not of the required kind (e.g. not a forest)."""
+
+
+class UnknownArgumentError(StructgradError, TypeError):
+    """A keyword argument (a solver option or a per-call argument) that the solver does not accept."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate as V
+from . import checks as V
 from .errors import DomainError, ShapeError
 
 __all__ = ["chain_indicators", "chain_labels"]

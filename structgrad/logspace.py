@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from .checks import finite_or_zero as _finite_or_zero
+
 __all__ = [
     "logsumexp",
     "logaddexp",
@@ -41,8 +43,6 @@ __all__ = [
 _NEG_INF = float("-inf")
 
 
-def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))
 
 
 class _LogSumExp(torch.autograd.Function):
@@ -50,17 +50,22 @@ class _LogSumExp(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, dim: int, keepdim: bool) -> torch.Tensor:
         m = _finite_or_zero(x.amax(dim=dim, keepdim=True))
         out = (x - m).exp_().sum(dim=dim, keepdim=True).log_().add_(m)
-        ctx.save_for_backward(x, out)
+        res = out if keepdim else out.squeeze(dim)
+        # Save the returned tensor itself: in a double backward its graph leads back to
+        # x through this Function, so the second derivative keeps the −μμᵀ term.
+        ctx.save_for_backward(x, res)
         ctx.dim = dim
-        return out if keepdim else out.squeeze(dim)
+        ctx.keepdim = keepdim
+        return res
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, out = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        if grad.dim() < x.dim():
+        if not ctx.keepdim:
             grad = grad.unsqueeze(ctx.dim)
+            out = out.unsqueeze(ctx.dim)
         # exp(x - out) with out = -inf (all -inf) -> weight 0, never NaN.
         w = torch.exp(x - _finite_or_zero(out))
         w = torch.where(torch.isneginf(out), torch.zeros_like(w), w)

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from . import _validate as V
+from . import checks as V
 from .logspace import safe_dot
-from .errors import DeviceError, DTypeError, ShapeError
+from .errors import CapabilityError, DeviceError, DTypeError, ShapeError
 from .registry import get_solver
 from .solver import Solver
 
@@ -48,6 +48,7 @@ class _NLL(torch.autograd.Function):
         ctx.save_for_backward(*theta_parts, *gold_parts, *mu_parts)
         ctx.n = n
         ctx.batch_ndim = log_z.dim()
+        ctx.solver, ctx.kwargs, ctx.is_tuple = solver, kwargs, is_tuple
         return out
 
     @staticmethod
@@ -55,6 +56,10 @@ class _NLL(torch.autograd.Function):
         n = ctx.n
         saved = ctx.saved_tensors
         theta_parts, gold_parts, mu_parts = saved[:n], saved[n : 2 * n], saved[2 * n :]
+        if torch.is_grad_enabled():
+            # create_graph: the gradient μ(θ) − y must itself be differentiable in θ,
+            # so recompute μ with autograd (its Jacobian is Cov_p(z), the Hessian of A).
+            mu_parts = V.leaves(_differentiable_marginals(ctx.solver, ctx.is_tuple, theta_parts, ctx.kwargs))
         grads_theta, grads_gold = [], []
         for i, (t, g, m) in enumerate(zip(theta_parts, gold_parts, mu_parts)):
             gshape = grad.reshape(grad.shape + (1,) * (m.dim() - ctx.batch_ndim))
@@ -70,6 +75,19 @@ class _NLL(torch.autograd.Function):
         return (None, None, None, None, *grads_theta, *grads_gold)
 
 
+def _differentiable_marginals(solver: Solver, is_tuple: bool, theta_parts: tuple, kwargs: dict) -> Any:
+    """μ(θ) with autograd, for second derivatives; a named error where the solver has none."""
+    if not solver.capabilities.differentiable_marginals:
+        raise CapabilityError(
+            f"second derivatives of nll (a backward with create_graph=True) need differentiable marginals, but "
+            f"solver {solver._label()} declares capabilities.differentiable_marginals=False; its first "
+            f"derivatives (marginals - gold) are exact, its second derivatives are not available"
+        )
+    theta = tuple(theta_parts) if is_tuple else theta_parts[0]
+    mu = solver.marginals(theta, **kwargs)
+    return V.rebuild(theta, (m.to(t.dtype) for m, t in zip(V.leaves(mu), theta_parts)))
+
+
 def nll(theta: Any, gold: Any, solver: Any, **kwargs: Any) -> torch.Tensor:
     """Negative log-likelihood ``A(θ) − ⟨gold, θ⟩`` with backward ``(μ(θ) − gold)·grad``.
 
@@ -83,7 +101,13 @@ def nll(theta: Any, gold: Any, solver: Any, **kwargs: Any) -> torch.Tensor:
         solver: a solver name, a :class:`~structgrad.Solver`, or anything
             :func:`structgrad.get_solver` accepts; it needs ``log_partition`` and
             ``marginals``.
-        **kwargs: forwarded to the solver unchanged (e.g. ``lengths=``).
+        **kwargs: forwarded to the solver unchanged (e.g. ``lengths=``); names the
+            solver does not declare in ``call_kwargs`` raise
+            :class:`~structgrad.errors.UnknownArgumentError`.
+    Second derivatives: a backward with ``create_graph=True`` recomputes μ(θ) with
+    autograd, so Hessian-vector products are exact (Jacobian of μ = Cov_p(z)) for
+    solvers with ``capabilities.differentiable_marginals``; for the others it raises
+    :class:`~structgrad.errors.CapabilityError` rather than return a wrong answer.
     Returns:
         ``(*batch,)`` losses; ``+inf`` where the gold structure has score ``-inf``.
     Shapes:
@@ -101,7 +125,7 @@ def nll(theta: Any, gold: Any, solver: Any, **kwargs: Any) -> torch.Tensor:
         theta = tuple(theta)
     if isinstance(gold, list):
         gold = tuple(gold)
-    theta = solver._check_theta(theta)
+    theta, kwargs = solver._prepare(theta, kwargs)
     t_parts, g_parts = V.leaves(theta), V.leaves(gold)
     if isinstance(theta, tuple) != isinstance(gold, tuple) or len(t_parts) != len(g_parts):
         raise ShapeError(

@@ -140,7 +140,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from . import _validate as V
+from . import checks as V
 from .errors import DeviceError, DomainError, DTypeError, ShapeError
 from .logspace import logaddexp, logsumexp, multinomial_counts
 from .registry import get_solver

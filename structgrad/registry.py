@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 from typing import Any, Callable
 
-from .errors import DTypeError, DomainError, UnknownSolverError
+from . import _catalog
+from ._catalog import BUILTIN_SOLVERS
+from .errors import DTypeError, DomainError, UnknownArgumentError, UnknownSolverError
 from .solver import OPERATIONS, Capabilities, MapSolver, Solver
 
 __all__ = [
@@ -33,16 +36,7 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "structgrad.solvers"
 
-#: name -> "module:attribute" of the built-in solvers (imported on first use).
-BUILTIN_SOLVERS: dict[str, str] = {
-    "bernoulli": "structgrad.solvers.bernoulli:BernoulliSolver",
-    "categorical": "structgrad.solvers.categorical:CategoricalSolver",
-    "ksubset": "structgrad.solvers.ksubset:KSubsetSolver",
-    "ilp": "structgrad.solvers.ilp:ILPSolver",
-    "chain": "structgrad.solvers.chain:ChainSolver",
-}
-
-_registered: dict[str, Callable[..., Solver]] = {}
+_registered = _catalog.registered
 
 
 def _load(path: str) -> Any:
@@ -97,32 +91,85 @@ def _factory(name: str) -> Callable[..., Solver]:
     raise UnknownSolverError(f"unknown solver {name!r}; known solvers: {', '.join(known)}")
 
 
+def _accepted_options(factory: Callable[..., Any]) -> tuple[str, ...] | None:
+    """The keyword options ``factory`` accepts (``None``: it takes ``**options``)."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return None
+    names = []
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            return None
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            names.append(p.name)
+    return tuple(names)
+
+
+def _construct(factory: Callable[..., Any], label: str, options: dict[str, Any]) -> Solver:
+    """``factory(**options)`` with unknown options refused by name; applies ``validate``."""
+    accepted = _accepted_options(factory)
+    validate = True
+    if "validate" in options and (accepted is None or "validate" not in accepted):
+        validate = options.pop("validate")
+        if not isinstance(validate, bool):
+            raise DTypeError(f"validate: expected True or False, got {validate!r}")
+    if accepted is not None:
+        unknown = [k for k in options if k not in accepted]
+        if unknown:
+            raise UnknownArgumentError(
+                f"solver {label} got unexpected option(s) {', '.join(map(repr, unknown))}; it accepts: "
+                f"{', '.join(accepted + ('validate',))}"
+            )
+    inst = factory(**options)
+    if not isinstance(inst, Solver):
+        raise DTypeError(f"solver factory for {label} returned {type(inst).__name__}, expected a Solver")
+    if not validate:
+        inst.validate = False
+    return inst
+
+
 def get_solver(solver: str | Solver | Callable[..., Any], **options: Any) -> Solver:
     """A :class:`Solver` from a name (with options), a Solver, or a plain callable.
 
     Args:
         solver: a registered/built-in/entry-point name, a Solver instance (returned
-            as is; no options allowed), or a callable θ -> z (wrapped as a MAP-only
+            as is; no options allowed), a Solver subclass (constructed with the
+            options), or a callable θ -> z (wrapped as a MAP-only
             :class:`~structgrad.solver.MapSolver`; options go to MapSolver).
-        **options: constructor options of the named solver (e.g. ``k=3``).
+        **options: constructor options of the named solver (e.g. ``k=3``), plus
+            ``validate=False`` for any solver: skip the checks that synchronise with
+            the device (NaN/+inf in θ, value ranges of call kwargs) in hot loops.
+
+    Built-in solvers and their options (θ shapes and call kwargs in each class's
+    docstring, e.g. ``help(structgrad.solvers.chain.ChainSolver)``):
+
+    ===============  ==========================================================
+    ``categorical``  no options; θ ``(*b, n)``, one-hot z
+    ``bernoulli``    no options; θ ``(*b, n)``, any binary z
+    ``chain``        ``backend``; θ ``(node (*b,T,C), edge)``; call kwarg ``lengths``
+    ``ksubset``      ``k``, ``backend``, ``schedule``, ``sampler``; θ ``(*b, n)``
+    ``ilp``          ``A``, ``b``, ``A_eq``, ``b_eq``, time limits, ``method``; MAP only
+    ===============  ==========================================================
+
     Raises:
         UnknownSolverError: the name is unknown (the message lists the known names).
+        UnknownArgumentError: an option the solver does not accept (the message lists
+            the accepted ones); a ``TypeError``.
     """
     if isinstance(solver, Solver):
         if options:
             raise DomainError(f"options: a Solver instance takes no options, got {sorted(options)}")
         return solver
     if isinstance(solver, str):
-        inst = _factory(solver)(**options)
-        if not isinstance(inst, Solver):
-            raise DTypeError(f"solver factory for {solver!r} returned {type(inst).__name__}, expected a Solver")
+        inst = _construct(_factory(solver), repr(solver), options)
         if inst.name is None:
             inst.name = solver
         return inst
     if isinstance(solver, type) and issubclass(solver, Solver):
-        return solver(**options)
+        return _construct(solver, solver.__name__, options)
     if callable(solver):
-        return MapSolver(solver, **options)
+        return _construct(MapSolver, getattr(solver, "__name__", "custom solver"), {"fn": solver, **options})
     raise DTypeError(f"solver: expected a solver name, a Solver or a callable theta -> z, got {type(solver).__name__}")
 
 
@@ -137,8 +184,12 @@ def _capabilities_of(factory: Any) -> Capabilities | None:
 def list_solvers() -> dict[str, Capabilities | None]:
     """``{name: capabilities}`` of every known solver (registered, built-in, entry points).
 
-    Capabilities are read from the class (or the factory's ``capabilities``
-    attribute); ``None`` when a factory does not declare them.
+    What it shows are the *class defaults*: the capabilities a solver has with its
+    default options, read from the class (or the factory's ``capabilities``
+    attribute; ``None`` when a factory declares none).  An instance's options can
+    change them (``get_solver("ksubset", k=2, backend="numba")`` runs on the CPU only;
+    an ``ilp`` with a time limit has an approximate MAP): ask the instance,
+    ``solver.capabilities``.  For a solver without options the two always agree.
     """
     out: dict[str, Capabilities | None] = {}
     for name in BUILTIN_SOLVERS:

@@ -31,13 +31,15 @@ hook.  ``_log_partition`` must be differentiable with gradient ``marginals``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 
-from . import _validate as V
+from . import _catalog
+from . import checks as V
 from .errors import CapabilityError, DeviceError, DomainError, DTypeError, ShapeError, SolverOutputError
 
 __all__ = ["OPERATIONS", "Capabilities", "Solver", "MapSolver"]
@@ -54,6 +56,15 @@ class Capabilities:
     ``devices`` lists the torch device types the solver accepts θ on; ``batched``
     says whether a call handles leading batch dimensions in one go (solvers that
     are not batched still accept batches, looping internally).
+    ``differentiable_marginals`` says whether ``marginals(θ)`` is differentiable in θ
+    (its Jacobian is the Hessian of A, Cov_p(z)); then second derivatives of
+    ``log_partition`` and :func:`structgrad.nll` are exact, and estimators such as
+    exact-marginal straight-through can backpropagate through the marginals.
+
+    A solver's ``capabilities`` describe the instance (its options: a CPU-only
+    backend, a time limit that makes the MAP approximate); the class attribute holds
+    the defaults, which :func:`structgrad.list_solvers` shows.  Derive an instance's
+    from the defaults with :meth:`replace`.
     """
 
     map: str | None = None
@@ -62,12 +73,17 @@ class Capabilities:
     sample: str | None = None
     devices: tuple[str, ...] = ("cpu", "cuda")
     batched: bool = True
+    differentiable_marginals: bool = False
 
     def __post_init__(self) -> None:
         for op in OPERATIONS:
             q = getattr(self, op)
             if q not in _QUALITIES:
                 raise DomainError(f"Capabilities.{op}: expected one of {_QUALITIES}, got {q!r}")
+
+    def replace(self, **changes: Any) -> "Capabilities":
+        """A copy with ``changes`` applied (e.g. ``caps.replace(devices=("cpu",))``)."""
+        return dataclasses.replace(self, **changes)
 
     def supports(self, op: str) -> bool:
         """True if operation ``op`` is available."""
@@ -86,43 +102,73 @@ class Capabilities:
 
     def __str__(self) -> str:
         ops = ", ".join(f"{op} ({getattr(self, op)})" for op in self.operations) or "nothing"
-        return f"{ops}; devices {'/'.join(self.devices)}{'; batched' if self.batched else ''}"
+        diff = "; differentiable marginals" if self.differentiable_marginals else ""
+        return f"{ops}; devices {'/'.join(self.devices)}{'; batched' if self.batched else ''}{diff}"
 
 
 class Solver:
     """Base class of every solver.  See the module docstring for the contract.
 
-    Class attributes:
-        capabilities: the declared :class:`Capabilities`.
+    Class attributes (a subclass sets them; instances may override them):
+        capabilities: the declared :class:`Capabilities` (an instance sets its own
+            when its options change them).
         event_ndim: number of trailing (event) dimensions of each θ leaf (an int for
             all leaves, a tuple per leaf, or ``None`` when unknown: batch shapes are
             then not checked).  Subclasses whose event dims depend on θ override
             :meth:`event_ndims`.
-    Instance attribute:
+        call_kwargs: the per-call keyword arguments the operations accept (chain:
+            ``("lengths",)``), or ``None`` for "any" (wrapped user callables).  Any other
+            keyword raises :class:`~structgrad.errors.UnknownArgumentError`.
+        batched_kwargs: the call kwargs that carry the batch dimensions: a tensor
+            whose leading dims are θ's batch shape, one value per instance (chain:
+            ``("lengths",)``).  Generic code that adds a sample dimension to θ (imle)
+            expands exactly these; a tensor given for one of them must have θ's batch
+            shape as its leading dims and sit on θ's device.  Every name in
+            ``batched_kwargs`` is also a call kwarg.
+    Instance attributes:
         name: the name it was obtained under from the registry (or ``None``).
+        validate: run the checks that need a host synchronisation (NaN and +inf in
+            θ, value ranges of call kwargs) on every call; ``get_solver(name,
+            validate=False)`` switches them off for hot loops.  Structural checks
+            (dtype, device, shapes) always run.
+
+    Validation: every public operation calls :meth:`check_theta` (structure), then,
+    when ``validate``, :meth:`check_values` (scores), then :meth:`check_kwargs`.  These
+    are the public hooks a solver extends (calling ``super()``), with the helpers of
+    :mod:`structgrad.checks`; built-in solvers use nothing else.
+
+    Score policy, the same for every solver: ``-inf`` means "impossible" (a forbidden
+    label, element or transition); NaN and ``+inf`` are refused with a
+    :class:`~structgrad.errors.DomainError` naming the tensor (``+inf`` would make A
+    infinite and the marginals undefined).
     """
 
     capabilities: ClassVar[Capabilities] = Capabilities()
     event_ndim: ClassVar[int | tuple[int, ...] | None] = 1
+    call_kwargs: ClassVar[tuple[str, ...] | None] = ()
+    batched_kwargs: ClassVar[tuple[str, ...]] = ()
     name: str | None = None
+    validate: bool = True
 
     # ------------------------------------------------------------------ public API
     def map(self, theta: Any, **kwargs: Any) -> Any:
         """MAP structure argmax_z ⟨z, θ⟩; same structure as θ (see module doc)."""
         self._require("map")
-        theta = self._check_theta(theta)
+        theta, kwargs = self._prepare(theta, kwargs)
         return self._map(theta, **kwargs)
 
     def marginals(self, theta: Any, **kwargs: Any) -> Any:
-        """Marginals μ(θ) = E_{z~p(·;θ)}[z] = ∇A(θ); same structure as θ."""
+        """Marginals μ(θ) = E_{z~p(·;θ)}[z] = ∇A(θ); same structure as θ.
+
+        Differentiable in θ when ``capabilities.differentiable_marginals``."""
         self._require("marginals")
-        theta = self._check_theta(theta)
+        theta, kwargs = self._prepare(theta, kwargs)
         return self._marginals(theta, **kwargs)
 
     def log_partition(self, theta: Any, **kwargs: Any) -> torch.Tensor:
         """A(θ) = log Σ_z exp⟨z, θ⟩, shape ``(*batch,)``, differentiable (∇ = marginals)."""
         self._require("log_partition")
-        theta = self._check_theta(theta)
+        theta, kwargs = self._prepare(theta, kwargs)
         return self._log_partition(theta, **kwargs)
 
     def log_partition_and_marginals(self, theta: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
@@ -133,7 +179,7 @@ class Solver:
         """
         self._require("log_partition")
         self._require("marginals")
-        theta = self._check_theta(theta)
+        theta, kwargs = self._prepare(theta, kwargs)
         with torch.no_grad():
             return self._log_partition_and_marginals(theta, **kwargs)
 
@@ -146,14 +192,14 @@ class Solver:
         Randomness comes only from ``generator`` (a ``torch.Generator`` on θ's device).
         """
         self._require("sample")
-        theta = self._check_theta(theta)
+        theta, kwargs = self._prepare(theta, kwargs)
         num_samples = V.check_positive_int(num_samples, "num_samples")
         V.check_generator(generator, V.leaves(theta)[0].device)
         return self._sample(theta, num_samples, generator, **kwargs)
 
     def batch_shape(self, theta: Any) -> torch.Size:
-        """The batch shape ``(*batch,)`` of θ; checks the leaves agree on it."""
-        theta = self._check_theta(theta)
+        """The batch shape ``(*batch,)`` of θ; checks the leaves agree on it (no value checks)."""
+        theta = self.check_theta(theta)
         return self._batch_shape(theta)
 
     def event_ndims(self, theta: Any) -> tuple[int, ...] | None:
@@ -171,6 +217,69 @@ class Solver:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+    # ------------------------------------------------------------------ validation hooks
+    def check_theta(self, theta: Any) -> Any:
+        """Structural checks of θ shared by every operation; returns θ (a list becomes a tuple).
+
+        Checks: a tensor or non-empty tuple of tensors (as many as ``event_ndim`` says),
+        floating dtype, one dtype and one device for all leaves, a device in
+        ``capabilities.devices``, and batch shapes that agree.  No host synchronisation.
+        Override to add structure-specific shape checks, then call ``super().check_theta``.
+        """
+        if isinstance(theta, list):
+            theta = tuple(theta)
+        parts = V.leaves(theta)
+        if len(parts) == 0:
+            raise ShapeError("theta: expected a tensor or a non-empty tuple of tensors, got an empty tuple")
+        names = V.leaf_names(theta)
+        for p, nm in zip(parts, names):
+            V.check_float_tensor(p, nm)
+        device = V.check_same_device(dict(zip(names, parts)))
+        if device.type not in self.capabilities.devices:
+            raise DeviceError(
+                f"theta is on device {device} but solver {self._label()} runs on "
+                f"{', '.join(self.capabilities.devices)}"
+            )
+        if len({p.dtype for p in parts}) > 1:
+            raise DTypeError(
+                "theta: expected all tensors to share one dtype, got "
+                + ", ".join(f"{nm} {p.dtype}" for nm, p in zip(names, parts))
+            )
+        self._batch_shape(theta)
+        return theta
+
+    def check_values(self, theta: Any) -> None:
+        """Value checks of θ (one host synchronisation): NaN and ``+inf`` are refused.
+
+        Runs only when ``self.validate``.  See :func:`structgrad.checks.check_scores`."""
+        V.check_scores(theta, V.leaf_names(theta))
+
+    def check_kwargs(self, theta: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Check the per-call keyword arguments against θ; returns them (possibly normalised).
+
+        Base checks: every name is in ``call_kwargs`` (unless it is ``None``), and a
+        tensor given for a name in ``batched_kwargs`` has θ's batch shape as its leading
+        dims and θ's device.  Override to check values (``self.validate`` says whether
+        checks that synchronise should run), then call ``super().check_kwargs``.
+        """
+        V.check_call_kwargs(kwargs, self.call_kwargs, self._label())
+        if self.batched_kwargs and kwargs:
+            batch = tuple(self._batch_shape(theta))
+            device = V.leaves(theta)[0].device
+            for name in self.batched_kwargs:
+                v = kwargs.get(name)
+                if isinstance(v, torch.Tensor):
+                    V.check_leading_shape(v, batch, name, "(the batch shape of theta)")
+                    if v.device != device:
+                        raise DeviceError(f"{name} is on device {v.device} but theta is on {device}")
+        return kwargs
+
+    def _prepare(self, theta: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        theta = self.check_theta(theta)
+        if self.validate:
+            self.check_values(theta)
+        return theta, self.check_kwargs(theta, kwargs)
 
     # ------------------------------------------------------------------ hooks
     def _map(self, theta: Any, **kwargs: Any) -> Any:  # pragma: no cover - guarded by _require
@@ -194,9 +303,7 @@ class Solver:
         return repr(self.name) if self.name else type(self).__name__
 
     def _missing(self, op: str) -> str:
-        from .registry import solvers_supporting  # lazy: registry imports this module
-
-        others = [n for n in solvers_supporting(op) if n != self.name]
+        others = [n for n in _catalog.supporting(op) if n != self.name]
         have = ", ".join(others) if others else "none registered"
         return (
             f"solver {self._label()} cannot compute {op!r} (it declares: "
@@ -206,31 +313,6 @@ class Solver:
     def _require(self, op: str) -> None:
         if not self.capabilities.supports(op):
             raise CapabilityError(self._missing(op))
-
-    def _check_theta(self, theta: Any) -> Any:
-        """Structure, dtype, device and batch-shape checks shared by every operation."""
-        if isinstance(theta, list):
-            theta = tuple(theta)
-        parts = V.leaves(theta)
-        if len(parts) == 0:
-            raise ShapeError("theta: expected a tensor or a non-empty tuple of tensors, got an empty tuple")
-        multi = isinstance(theta, tuple)
-        names = [f"theta[{i}]" if multi else "theta" for i in range(len(parts))]
-        for p, nm in zip(parts, names):
-            V.check_float_tensor(p, nm)
-        device = V.check_same_device(dict(zip(names, parts)))
-        if device.type not in self.capabilities.devices:
-            raise DeviceError(
-                f"theta is on device {device} but solver {self._label()} runs on "
-                f"{', '.join(self.capabilities.devices)}"
-            )
-        if len({p.dtype for p in parts}) > 1:
-            raise DTypeError(
-                "theta: expected all tensors to share one dtype, got "
-                + ", ".join(f"{nm} {p.dtype}" for nm, p in zip(names, parts))
-            )
-        self._batch_shape(theta)
-        return theta
 
     def _batch_shape(self, theta: Any) -> torch.Size:
         parts = V.leaves(theta)
@@ -277,6 +359,7 @@ class MapSolver(Solver):
     """
 
     event_ndim = None
+    call_kwargs = None  # whatever the callable accepts; it sees every keyword
 
     def __init__(self, fn: Callable[..., Any], name: str | None = None, *, exact: bool = True, binary: bool = True):
         if not callable(fn):
@@ -308,8 +391,19 @@ def check_map_output(z: Any, theta: Any, name: str | None, *, binary: bool = Tru
     out = []
     for i, (zp, tp) in enumerate(zip(z_parts, t_parts)):
         nm = f"[{i}]" if multi else ""
-        if isinstance(zp, np.ndarray) or np.isscalar(zp):
-            zp = torch.as_tensor(np.asarray(zp))
+        if isinstance(zp, (np.ndarray, np.number, int, float, bool)) and not isinstance(zp, (str, bytes)):
+            arr = np.asarray(zp)
+            if arr.dtype.kind not in "biuf":
+                raise SolverOutputError(
+                    f"solver {label} returned an array of dtype {arr.dtype} as z{nm}; expected numbers of shape "
+                    f"{V.fmt_shape(tp.shape)}"
+                )
+            zp = torch.as_tensor(arr)
+        if isinstance(zp, torch.Tensor) and (zp.device.type == "meta" or zp.is_complex()):
+            what = "a meta tensor (no data)" if zp.device.type == "meta" else f"a tensor of dtype {zp.dtype}"
+            raise SolverOutputError(
+                f"solver {label} returned {what} as z{nm}; expected real values of shape {V.fmt_shape(tp.shape)}"
+            )
         if not isinstance(zp, torch.Tensor):
             raise SolverOutputError(
                 f"solver {label} returned {type(zp).__name__} as z{nm}; expected a tensor or array of shape "

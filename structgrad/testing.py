@@ -29,7 +29,7 @@ import itertools
 
 import torch
 
-from . import _validate as V
+from . import checks as V
 from .errors import CapabilityError, ShapeError, StructgradError
 from .logspace import logsumexp, safe_dot
 from .nll import nll

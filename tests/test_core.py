@@ -333,7 +333,7 @@ def test_brute_force_batched_kwargs_are_explicit():
 def test_check_real_shared_by_the_objectives_and_solvers():
     import numpy as np
 
-    from structgrad import _validate as V
+    from structgrad import checks as V
 
     assert V.check_real(np.float32(0.5), "tau", lo=0.0, lo_open=True) == 0.5
     assert V.check_real(torch.tensor(2.0), "xi", tensors=True) == 2.0

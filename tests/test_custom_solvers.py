@@ -219,9 +219,9 @@ def test_per_instance_kwargs_cannot_be_modified_by_fn():
 @pytest.mark.parametrize(
     "theta_shape,value,pattern",
     [
-        ((3, 5), torch.tensor([1, 2]), r"k: expected shape \(3, \.\.\.\) with leading dims the batch shape of theta \(3,\) .*got \(2,\)"),
-        ((2, 3, 5), torch.tensor([1, 2, 3]), r"k: expected shape \(2, 3, \.\.\.\) .*\(2, 3\).* got \(3,\)"),
-        ((3, 5), 2, r"k: expected shape \(3, \.\.\.\) .*got \(\)"),
+        ((3, 5), torch.tensor([1, 2]), r"k: expected leading dims \(3, \.\.\.\) \(the batch shape of theta.*got \(2,\)"),
+        ((2, 3, 5), torch.tensor([1, 2, 3]), r"k: expected leading dims \(2, 3 \.\.\.\) .* got \(3,\)"),
+        ((3, 5), 2, r"k: expected leading dims \(3, \.\.\.\) .*got \(\)"),
         ((3, 5), [[1], [2, 3], []], r"k: expected an array with leading dims \(3,\) .*got list"),
     ],
     ids=["short", "two-batch-dims", "scalar", "ragged"],

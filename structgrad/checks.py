@@ -1,7 +1,24 @@
-"""Argument checks shared by the core and the solvers (private).
+"""Public argument checks, shared by the core, the built-in solvers and third-party solvers.
 
-Each check raises a structgrad error whose message names the argument, what was
-expected and what came.  None of them mutates or copies its input.
+Each check raises a structgrad error (a subclass of ``ValueError``/``TypeError``)
+whose message names the argument, what was expected and what came.  None of them
+mutates or copies its input.  A solver uses them from its validation hooks
+(:meth:`structgrad.Solver.check_theta`, :meth:`~structgrad.Solver.check_values`,
+:meth:`~structgrad.Solver.check_kwargs`); the built-in solvers use nothing else.
+
+Also here, the small numeric helpers every solver needs once: :data:`NEG_INF`,
+:func:`finite_or_zero`, :func:`flatten_batch`.
+
+Example:
+    >>> import torch
+    >>> from structgrad import checks
+    >>> checks.check_choice("rows", ("rows", "columns"), "schedule")
+    'rows'
+    >>> checks.check_scores(torch.tensor([0.0, float("-inf")]), "theta")   # -inf is allowed
+    >>> checks.check_scores(torch.tensor([0.0, float("nan")]), "theta")
+    Traceback (most recent call last):
+    ...
+    structgrad.errors.DomainError: theta: expected scores that are finite or -inf (impossible), got 1 NaN (first at index (1,))
 """
 
 from __future__ import annotations
@@ -12,12 +29,34 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .errors import DeviceError, DomainError, DTypeError, ShapeError
+from .errors import DeviceError, DomainError, DTypeError, ShapeError, UnknownArgumentError
+
+#: The score of an impossible outcome.  Never replaced by a large negative number.
+NEG_INF = float("-inf")
+
+
+def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """``x`` where finite, else 0 (for re-centring by a maximum that may be ±inf)."""
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def flatten_batch(x: torch.Tensor, event_ndim: int) -> tuple[torch.Tensor, torch.Size]:
+    """``x (*batch, *event)`` as ``(B, *event)`` (a view where possible) and the batch shape."""
+    batch = x.shape[: x.dim() - event_ndim]
+    return x.reshape((-1,) + tuple(x.shape[x.dim() - event_ndim :])), batch
 
 __all__ = [
+    "NEG_INF",
+    "finite_or_zero",
+    "flatten_batch",
     "fmt_shape",
     "leaves",
+    "leaf_names",
     "rebuild",
+    "check_scores",
+    "check_call_kwargs",
+    "check_choice",
+    "check_leading_shape",
     "check_float_tensor",
     "check_same_device",
     "check_shape",
@@ -42,6 +81,79 @@ def leaves(theta: Any) -> tuple[torch.Tensor, ...]:
     if isinstance(theta, (tuple, list)):
         return tuple(theta)
     return (theta,)
+
+
+def leaf_names(theta: Any) -> list[str]:
+    """Names for messages: ``["theta"]`` for a tensor, ``["theta[0]", ...]`` for a tuple."""
+    if isinstance(theta, (tuple, list)):
+        return [f"theta[{i}]" for i in range(len(theta))]
+    return ["theta"]
+
+
+def check_scores(x: Any, name: str | Sequence[str]) -> None:
+    """Scores must be finite or ``-inf`` (impossible): NaN and ``+inf`` are refused.
+
+    ``x`` is a tensor or a tuple of tensors (then ``name`` is a list of names, one per
+    tensor).  One host synchronisation for all of them; the message counts the bad
+    entries and gives the first one's index.
+    """
+    parts = leaves(x)
+    names = [name] if isinstance(name, str) else list(name)
+    if not parts:
+        return
+    flags = torch.stack([(torch.isnan(p) | torch.isposinf(p)).any() for p in parts])
+    if not bool(flags.any()):
+        return
+    for p, nm in zip(parts, names):
+        nan, pinf = torch.isnan(p), torch.isposinf(p)
+        if bool((nan | pinf).any()):
+            what = []
+            for mask, label in ((nan, "NaN"), (pinf, "+inf")):
+                c = int(mask.sum())
+                if c:
+                    first = tuple(int(i) for i in mask.nonzero()[0].tolist())
+                    what.append(f"{c} {label} (first at index {first})")
+            raise DomainError(
+                f"{nm}: expected scores that are finite or -inf (impossible), got {' and '.join(what)}"
+            )
+
+
+def check_call_kwargs(kwargs: dict, accepted: Sequence[str] | None, solver: str) -> None:
+    """Every key of ``kwargs`` must be in ``accepted`` (``None``: anything goes).
+
+    Raises :class:`~structgrad.errors.UnknownArgumentError` (a ``TypeError``) naming the
+    solver, the unknown names and the accepted ones."""
+    if accepted is None:
+        return
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        acc = ", ".join(accepted) if accepted else "none"
+        raise UnknownArgumentError(
+            f"solver {solver} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+            f"it accepts: {acc}"
+        )
+
+
+def check_choice(x: Any, choices: Sequence[Any], name: str) -> Any:
+    """``x`` must be one of ``choices`` (compared with ``==``); returns it."""
+    if isinstance(x, (str, int, bool, type(None))) or not hasattr(x, "__len__"):
+        try:
+            if x in tuple(choices):
+                return x
+        except TypeError:
+            pass
+    raise DomainError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {x!r}")
+
+
+def check_leading_shape(x: Any, lead: Sequence[int], name: str, what: str = "") -> None:
+    """``x.shape`` (a tensor's or an array's) must start with ``lead`` exactly (no broadcasting)."""
+    lead = tuple(lead)
+    if tuple(x.shape[: len(lead)]) != lead or len(x.shape) < len(lead):
+        extra = f" {what}" if what else ""
+        dims = ", ".join(str(s) for s in lead)
+        raise ShapeError(
+            f"{name}: expected leading dims ({dims}{',' if len(lead) == 1 else ''} ...){extra}, got {fmt_shape(x.shape)}"
+        )
 
 
 def rebuild(like: Any, parts: Iterable[Any]) -> Any:
@@ -98,17 +210,26 @@ def check_index_tensor(x: Any, name: str) -> torch.Tensor:
 
 
 def check_lengths(
-    lengths: Any, batch_shape: Sequence[int], max_length: int, device: torch.device, name: str = "lengths"
+    lengths: Any,
+    batch_shape: Sequence[int],
+    max_length: int,
+    device: torch.device,
+    name: str = "lengths",
+    *,
+    check_values: bool = True,
 ) -> torch.Tensor | None:
-    """Validate per-instance lengths: integer tensor of shape ``batch_shape`` with
-    values in ``[0, max_length]`` on ``device``.  ``None`` passes through."""
+    """Validate per-instance lengths: an integer tensor (any integer dtype) of shape
+    ``batch_shape`` on ``device``, with values in ``[0, max_length]`` (checked when
+    ``check_values``: one host synchronisation).  Returns them as int64; ``None``
+    passes through."""
     if lengths is None:
         return None
     lengths = check_index_tensor(lengths, name)
     check_shape(lengths, batch_shape, name, "(the batch shape of theta)")
     if lengths.device != device:
         raise DeviceError(f"{name} is on device {lengths.device} but theta is on {device}")
-    if lengths.numel():
+    lengths = lengths.long()
+    if check_values and lengths.numel():
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0 or hi > max_length:
             raise DomainError(
