@@ -7,6 +7,7 @@ gradient of the log-partition is the vector of marginals.  Solvers compute
 turn them into gradients.  See README.md.
 """
 
+from . import nn
 from .adapters import PerInstanceSolver, per_instance_solver
 from .dpm import DPMLoss, DPMOutput, all_gather_with_grad, dpm_surrogate
 from .errors import (
@@ -57,6 +58,7 @@ __all__ = [
     "get_solver",
     "list_solvers",
     "nll",
+    "nn",
     "per_instance_solver",
     "register_solver",
     "unregister_solver",

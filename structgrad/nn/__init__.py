@@ -1,0 +1,3 @@
+"""Neural-network layers built on structgrad solvers."""
+
+__all__: list[str] = []
