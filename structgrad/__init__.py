@@ -8,6 +8,7 @@ turn them into gradients.  See README.md.
 """
 
 from . import nn
+from . import checks
 from .adapters import PerInstanceSolver, per_instance_solver
 from .dpm import DPMLoss, DPMOutput, all_gather_with_grad, dpm_surrogate
 from .errors import (
@@ -21,6 +22,7 @@ from .errors import (
     SolverOutputError,
     SolverTimeoutError,
     StructgradError,
+    UnknownArgumentError,
     UnknownSolverError,
 )
 from .labels import chain_indicators, chain_labels
@@ -50,8 +52,10 @@ __all__ = [
     "SolverOutputError",
     "SolverTimeoutError",
     "StructgradError",
+    "UnknownArgumentError",
     "UnknownSolverError",
     "all_gather_with_grad",
+    "checks",
     "chain_indicators",
     "chain_labels",
     "dpm_surrogate",
