@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import checks as V
-from .errors import DomainError, ShapeError
+from .errors import DomainError, DTypeError, ShapeError
 
 __all__ = ["chain_indicators", "chain_labels"]
 
@@ -46,6 +46,8 @@ def chain_indicators(
     """
     labels = V.check_index_tensor(labels, "labels")
     C = V.check_positive_int(num_classes, "num_classes")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise DTypeError(f"dtype: expected a floating torch.dtype such as torch.float32, got {dtype!r}")
     if labels.dim() < 1:
         raise ShapeError(f"labels: expected shape (*batch, T), got {V.fmt_shape(labels.shape)}")
     *batch, T = labels.shape
@@ -70,7 +72,9 @@ def chain_indicators(
 
 def chain_labels(node: torch.Tensor) -> torch.Tensor:
     """Labels ``(*b, T)`` (int64) from node indicators ``(*b, T, C)``; ``-1`` where a row is all 0."""
-    if not isinstance(node, torch.Tensor) or node.dim() < 2:
-        raise ShapeError("node: expected a tensor of shape (*batch, T, C)")
+    if not isinstance(node, torch.Tensor):
+        raise DTypeError(f"node: expected a tensor of shape (*batch, T, C), got {type(node).__name__}")
+    if node.dim() < 2:
+        raise ShapeError(f"node: expected a tensor of shape (*batch, T, C), got {V.fmt_shape(node.shape)}")
     idx = node.argmax(dim=-1)
     return torch.where(node.amax(dim=-1) > 0, idx, torch.full_like(idx, -1))

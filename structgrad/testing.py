@@ -30,7 +30,7 @@ import itertools
 import torch
 
 from . import checks as V
-from .errors import CapabilityError, ShapeError, StructgradError
+from .errors import CapabilityError, DomainError, ShapeError, StructgradError, UnknownArgumentError
 from .logspace import logsumexp, safe_dot
 from .nll import nll
 from .registry import get_solver
@@ -107,8 +107,8 @@ class Case:
 
     ``batched_kwargs`` names the keyword arguments that carry one value per instance
     (leading dims = the batch shape; indexed per instance for the enumerator); the
-    others are passed whole to every instance.  ``None`` (the default) means: every
-    tensor keyword argument whose leading dims equal the batch shape."""
+    others are passed whole to every instance.  ``None`` (the default) means: the
+    solver's own declaration, ``solver.batched_kwargs``.  Nothing is guessed from shapes."""
 
     theta: Any
     enumerate: Callable[..., Iterable[Any]]
@@ -123,7 +123,8 @@ class BruteForce:
     Args:
         solver: used only for its ``batch_shape``/``event_ndims`` (to split θ into instances).
         enumerate: ``(theta_i, **kwargs_i) -> iterable of structures`` (see :class:`Case`).
-        batched_kwargs: names of the per-instance keyword arguments (see :class:`Case`).
+        batched_kwargs: names of the per-instance keyword arguments; ``None``: the
+            solver's declaration ``solver.batched_kwargs`` (see :class:`Case`).
     """
 
     def __init__(
@@ -131,7 +132,7 @@ class BruteForce:
     ):
         self.solver = get_solver(solver)
         self.enumerate = enumerate
-        self.batched_kwargs = None if batched_kwargs is None else tuple(batched_kwargs)
+        self.batched_kwargs = tuple(self.solver.batched_kwargs if batched_kwargs is None else batched_kwargs)
 
     # -- splitting a batch into instances
     def instances(self, theta: Any, **kwargs: Any) -> list[tuple[tuple[int, ...], Any, dict]]:
@@ -147,9 +148,7 @@ class BruteForce:
         return out
 
     def _per_instance(self, name: str, v: Any, batch: tuple[int, ...]) -> bool:
-        if self.batched_kwargs is None:
-            return isinstance(v, torch.Tensor) and tuple(v.shape[: len(batch)]) == batch
-        if name not in self.batched_kwargs:
+        if name not in self.batched_kwargs or v is None:
             return False
         if not isinstance(v, torch.Tensor) or tuple(v.shape[: len(batch)]) != batch:
             shape = V.fmt_shape(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
@@ -284,6 +283,39 @@ def _cast_kwargs(kwargs: dict, device: Any) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
 
 
+def _check_second_derivatives(solver: Solver, theta64: Any, gold: Any, kwargs: dict, where: str, tick) -> None:
+    """No silently wrong second derivatives.
+
+    ``gradgradcheck`` of ``log_partition`` and ``nll²``: it must pass when the solver
+    declares ``differentiable_marginals``; otherwise it must either pass or be refused
+    with :class:`~structgrad.errors.CapabilityError` (any other error, or a wrong
+    Hessian, fails)."""
+    t_parts = tuple(p.clone().requires_grad_(True) for p in V.leaves(theta64))
+    declared = solver.capabilities.differentiable_marginals
+
+    def logz(*ps: torch.Tensor) -> torch.Tensor:
+        return solver.log_partition(V.rebuild(theta64, ps), **kwargs)
+
+    def loss(*ps: torch.Tensor) -> torch.Tensor:
+        return nll(V.rebuild(theta64, ps), gold, solver, **kwargs) ** 2
+
+    for f, what in ((logz, "log_partition"), (loss, "nll**2")):
+        try:
+            ok = torch.autograd.gradgradcheck(f, t_parts, eps=1e-6, atol=1e-5, rtol=1e-4, raise_exception=False)
+        except CapabilityError:
+            if declared:
+                _fail(f"{where} second derivatives of {what} refused, but differentiable_marginals is declared")
+            tick("second_derivative_refused")
+            continue
+        except Exception as e:  # noqa: BLE001 - any other failure is a finding
+            _fail(f"{where} second derivatives of {what} raised {type(e).__name__} ({e}); expected correct values "
+                  f"or a CapabilityError")
+        if not ok:
+            _fail(f"{where} gradgradcheck of {what} failed: second derivatives are wrong (they must be right, "
+                  f"or refused with CapabilityError)")
+        tick("gradgradcheck")
+
+
 def check_solver(
     solver: Any,
     cases: Sequence[Case],
@@ -310,6 +342,13 @@ def check_solver(
       batch for shared leaves);
     * ``torch.autograd.gradcheck`` of :func:`structgrad.nll` against a feasible gold
       structure (float64, cases with finite θ);
+    * second derivatives: ``gradgradcheck`` of ``log_partition`` and ``nll²`` when
+      ``capabilities.differentiable_marginals``; otherwise a ``create_graph`` backward
+      must raise :class:`~structgrad.errors.CapabilityError`;
+    * the declared interface: an undeclared call keyword raises
+      :class:`~structgrad.errors.UnknownArgumentError`, every name in ``batched_kwargs``
+      is in ``call_kwargs``, and NaN or ``+inf`` in θ raise
+      :class:`~structgrad.errors.DomainError`;
     * float32 results agree with float64 within ``float32_atol``;
     * samples are feasible, reproducible with a seeded generator, and their
       frequencies pass a χ² test against the oracle at ``p_value`` (fixed ``seed``);
@@ -354,6 +393,36 @@ def check_solver(
         where = f"[{case.name}]"
         shapes = _expected_shapes(solver, theta64)
         batch = tuple(solver.batch_shape(theta64))
+
+        # the declared interface: unknown call kwargs and NaN/+inf scores are refused by name
+        op0 = caps.operations[0] if caps.operations else None
+        if op0 is not None:
+            call = (lambda th, **kw: solver.sample(th, 1, **kw)) if op0 == "sample" else getattr(solver, op0)
+            if solver.call_kwargs is not None:
+                bogus = "not_a_keyword_of_" + type(solver).__name__.lower()
+                try:
+                    call(theta64, **case.kwargs, **{bogus: 1})
+                except UnknownArgumentError as e:
+                    if bogus not in str(e):
+                        _fail(f"{where} UnknownArgumentError does not name the unknown keyword: {e}")
+                    tick("unknown_kwarg_error")
+                else:
+                    _fail(f"{where} {op0} accepted an undeclared keyword {bogus!r} (call_kwargs = {solver.call_kwargs})")
+                for name in solver.batched_kwargs:
+                    if name not in solver.call_kwargs:
+                        _fail(f"batched_kwargs names {name!r}, which is not in call_kwargs {solver.call_kwargs}")
+            if solver.validate:
+                for bad in (float("nan"), float("inf")):
+                    poisoned = [p.clone() for p in V.leaves(theta64)]
+                    if poisoned[0].numel() == 0:
+                        break
+                    poisoned[0].view(-1)[0] = bad
+                    try:
+                        call(V.rebuild(theta64, poisoned), **case.kwargs)
+                    except DomainError:
+                        tick("nan_inf_refused")
+                    else:
+                        _fail(f"{where} {op0} accepted a {bad} score; expected a DomainError (NaN and +inf are refused)")
 
         # integer theta is refused
         int_theta = V.rebuild(theta64, (torch.zeros(p.shape, dtype=torch.long) for p in V.leaves(theta64)))
@@ -488,6 +557,7 @@ def check_solver(
                 for j, (p, m, g) in enumerate(zip(t_parts, V.leaves(mu), gold_parts)):
                     _close(p.grad, (m - g).sum_to_size(p.shape), atol * 10, f"{where} nll grad[{j}] = marginals - gold")
                 tick("nll_gradcheck")
+                _check_second_derivatives(solver, theta64, gold, case.kwargs, where, tick)
 
     for fn, exc, pattern in bad_inputs:
         try:
