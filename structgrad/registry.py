@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from . import _catalog
 from ._catalog import BUILTIN_SOLVERS
+from .checks import check_choice
 from .errors import DTypeError, DomainError, UnknownArgumentError, UnknownSolverError
 from .solver import OPERATIONS, Capabilities, MapSolver, Solver
 
@@ -207,6 +208,5 @@ def list_solvers() -> dict[str, Capabilities | None]:
 
 def solvers_supporting(op: str) -> list[str]:
     """Names of the known solvers that declare operation ``op``."""
-    if op not in OPERATIONS:
-        raise DomainError(f"op: expected one of {OPERATIONS}, got {op!r}")
+    check_choice(op, OPERATIONS, "op")
     return [n for n, c in list_solvers().items() if c is not None and c.supports(op)]

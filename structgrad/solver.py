@@ -40,7 +40,7 @@ import torch
 
 from . import _catalog
 from . import checks as V
-from .errors import CapabilityError, DeviceError, DomainError, DTypeError, ShapeError, SolverOutputError
+from .errors import CapabilityError, DeviceError, DTypeError, ShapeError, SolverOutputError
 
 __all__ = ["OPERATIONS", "Capabilities", "Solver", "MapSolver"]
 
@@ -78,8 +78,7 @@ class Capabilities:
     def __post_init__(self) -> None:
         for op in OPERATIONS:
             q = getattr(self, op)
-            if q not in _QUALITIES:
-                raise DomainError(f"Capabilities.{op}: expected one of {_QUALITIES}, got {q!r}")
+            V.check_choice(q, _QUALITIES, f"Capabilities.{op}")
 
     def replace(self, **changes: Any) -> "Capabilities":
         """A copy with ``changes`` applied (e.g. ``caps.replace(devices=("cpu",))``)."""
@@ -87,8 +86,7 @@ class Capabilities:
 
     def supports(self, op: str) -> bool:
         """True if operation ``op`` is available."""
-        if op not in OPERATIONS:
-            raise DomainError(f"op: expected one of {OPERATIONS}, got {op!r}")
+        V.check_choice(op, OPERATIONS, "op")
         return getattr(self, op) is not None
 
     def is_exact(self, op: str) -> bool:
