@@ -29,14 +29,17 @@ Before timing, each pair of contenders is checked to compute the same numbers.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import warnings
+from pathlib import Path
 
 import torch
 
-import structgrad as sg
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import structgrad as sg  # noqa: E402
+from benchmarks._common import interleaved, machine, markdown, row, setup  # noqa: E402
 
 
 def _peers():
@@ -48,34 +51,6 @@ def _peers():
     return torch_struct, CRF
 
 
-_SYNC = lambda: None  # noqa: E731  (torch.cuda.synchronize when timing on a GPU)
-
-
-def interleaved(fns: dict, rounds: int, warmup: int = 1, budget: float = 60.0) -> dict:
-    """Median seconds per call of each function, calls interleaved round by round.
-
-    The number of rounds is cut (to no fewer than 3) so that one set of rounds takes
-    about ``budget`` seconds: torch-struct needs about a minute per call at C = 64.
-    """
-    names = list(fns)
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    per_round = (time.perf_counter() - t0) / max(warmup, 1)
-    rounds = max(3, min(rounds, int(budget / max(per_round, 1e-9))))
-    times = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for n in order:
-            _SYNC()
-            t0 = time.perf_counter()
-            fns[n]()
-            _SYNC()
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(v) for n, v in times.items()}
-
-
 def torch_struct_potentials(node: torch.Tensor, edge: torch.Tensor) -> torch.Tensor:
     """φ (B, T−1, C, C) with φ[t, j, i] scoring label i at t and j at t+1 (torch-struct's order)."""
     phi = edge + node[:, 1:, None, :]
@@ -83,7 +58,7 @@ def torch_struct_potentials(node: torch.Tensor, edge: torch.Tensor) -> torch.Ten
     return phi.transpose(-1, -2).contiguous()
 
 
-def run(shapes, rounds: int, device: str = "cpu") -> list[dict]:
+def measure(shapes, rounds: int, device: str = "cpu") -> list[dict]:
     torch_struct, CRF = _peers()
     chain = sg.get_solver("chain")
     rows = []
@@ -161,46 +136,45 @@ def _quiet(f, *a):
         return f(*a)
 
 
-def report(rows, device: str = "cpu") -> None:
-    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
-    print(f"torch {torch.__version__}, {where}; medians in ms; ratio = peer / structgrad")
-    for r in rows:
-        B, T, C = r["shape"]
-        print(f"\n(B, T, C) = ({B}, {T}, {C})   checks: " + ", ".join(f"{k} {v:.2g}" for k, v in r["check"].items()))
-        m = r["marg"]
-        print(
-            f"  logZ+marg        structgrad {1e3 * m['structgrad']:8.2f}  (1-pass {1e3 * m['structgrad 1-pass']:.2f})"
-            f"  torch-struct {1e3 * m['torch-struct']:9.2f}   ratio {m['torch-struct'] / m['structgrad']:6.1f}x"
-        )
-        v = r["vit"]
-        print(
-            f"  viterbi          structgrad {1e3 * v['structgrad']:8.2f}"
-            f"  torch-struct {1e3 * v['torch-struct']:9.2f}   ratio {v['torch-struct'] / v['structgrad']:6.1f}x"
-            f"   pytorch-crf {1e3 * v['pytorch-crf']:8.2f}  ratio {v['pytorch-crf'] / v['structgrad']:5.1f}x"
-        )
-        n = r["nll"]
-        print(
-            f"  nll f+b (shared) structgrad {1e3 * n['structgrad']:8.2f}"
-            f"  pytorch-crf  {1e3 * n['pytorch-crf']:9.2f}   ratio {n['pytorch-crf'] / n['structgrad']:6.1f}x"
-        )
+def to_rows(measured: list[dict]) -> list[dict]:
+    """The measurements as rows of the suite's convention (ratio = peer / structgrad)."""
+    rows = []
+    for r in measured:
+        case = "(B,T,C) = ({}, {}, {})".format(*r["shape"])
+        m, v, n = r["marg"], r["vit"], r["nll"]
+        rows.append(row("chain", f"log Z + marginals {case}", "log_partition+backward", m["structgrad"], "torch-struct", m["torch-struct"]))
+        rows.append(row("chain", f"log Z + marginals {case}", "log_partition_and_marginals", m["structgrad 1-pass"], "torch-struct", m["torch-struct"]))
+        rows.append(row("chain", f"Viterbi {case}", "map", v["structgrad"], "torch-struct", v["torch-struct"]))
+        rows.append(row("chain", f"Viterbi {case}", "map", v["structgrad"], "pytorch-crf decode", v["pytorch-crf"]))
+        rows.append(row("chain", f"nll fwd+bwd, shared (C,C) {case}", "nll", n["structgrad"], "pytorch-crf", n["pytorch-crf"]))
+    return rows
+
+
+SHAPES = [(32, 128, 16), (32, 128, 64), (1, 512, 32)]
+
+
+def run(quick: bool = False, device: str = "cpu", rounds: int = 15) -> list[dict]:
+    """The suite's entry point: checks agreement, times, returns rows."""
+    warnings.filterwarnings("ignore", module="torch_struct")  # its distributions lack arg_constraints
+    shapes, rounds = ([(4, 16, 5)], 2) if quick else (SHAPES, rounds)
+    measured = measure(shapes, rounds, device)
+    for r in measured:
+        bad = {k: v for k, v in r["check"].items() if v > 1e-3}
+        if bad:
+            raise RuntimeError(f"chain benchmark {r['shape']}: contenders disagree: {bad}")
+    return to_rows(measured)
 
 
 def main(argv=None) -> None:
-    warnings.filterwarnings("ignore", module="torch_struct")  # its distributions lack arg_constraints
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (smoke run)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    if args.device == "cuda":
-        global _SYNC
-        _SYNC = torch.cuda.synchronize
-    if args.quick:
-        shapes, rounds = [(4, 16, 5)], 2
-    else:
-        shapes, rounds = [(32, 128, 16), (32, 128, 64), (1, 512, 32)], args.rounds
-    report(run(shapes, rounds, args.device), args.device)
+    setup(args.device)
+    rows = run(args.quick, args.device, args.rounds)
+    print(f"Measured {machine(args.device)}; medians of interleaved rounds; ratio = peer / structgrad\n")
+    print(markdown(rows))
 
 
 if __name__ == "__main__":

@@ -28,13 +28,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
+import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-import structgrad as sg
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import structgrad as sg  # noqa: E402
+from benchmarks._common import interleaved, machine, markdown, row, setup  # noqa: E402
 
 
 def simple_log_partition(theta: torch.Tensor, k: int) -> torch.Tensor:
@@ -52,25 +56,6 @@ def simple_log_partition(theta: torch.Tensor, k: int) -> torch.Tensor:
     for i in range(n):
         a = torch.cat([a[:, :1], torch.logaddexp(a[:, 1:], a[:, :-1] + x[:, i : i + 1])], dim=1)
     return a[:, k].to(theta.dtype)
-
-
-def _time(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _race(contenders: dict[str, Callable[[], object]], repeats: int, desc: str) -> dict[str, float]:
-    """Interleaved repeats; returns the median seconds of each contender."""
-    from tqdm import tqdm
-
-    for fn in contenders.values():  # warm up (numba compiles here)
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in tqdm(range(repeats), desc=desc, leave=False):
-        for name, fn in contenders.items():
-            times[name].append(_time(fn))
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _report(title: str, med: dict[str, float], base: str) -> None:
@@ -92,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = ap.parse_args(argv)
     if args.quick:
         args.batch, args.n, args.k, args.samples, args.repeats = 4, 60, 6, [1, 8], 2
-    torch.set_num_threads(1)
+    setup("cpu")
     dtype = getattr(torch, args.dtype)
     B, n, k = args.batch, args.n, args.k
     gen = torch.Generator().manual_seed(0)
@@ -127,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         x = theta.double().requires_grad_(True)
         s.log_partition(x).sum().backward()
         print(f"  max |mu - mu_simple| {name:<28} {float((x.grad - ref).abs().max()):.2e}  (float64)")
-    med = _race(contenders, args.repeats, "log Z + marginals")
+    med = interleaved(contenders, args.repeats)
     _report(f"log Z + marginals (forward + backward), B={B} n={n} k={k}", med, "simple-autograd")
     for name, target in () if args.quick else (("structgrad torch rows", 1.5), ("structgrad numba", 2.0)):
         ratio = med["simple-autograd"] / med[name]
@@ -149,12 +134,33 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             z = fn()
             if not bool((z.sum(-1) == k).all()):
                 raise RuntimeError(f"{name}: a sample without exactly k ones")
-        med = _race(race, args.repeats, f"samplers S={S}")
+        med = interleaved(race, args.repeats)
         _report(f"exact samples, S={S} per instance (B={B} n={n} k={k})", med, "sequential torch")
         results[f"samples_{S}"] = med
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     return results
 
 
+def run(quick: bool = False) -> list[dict]:
+    """The suite's entry point: B=32, n=1000, k=50 (quick: 4, 60, 6); rows with ratio = baseline / structgrad."""
+    args = ["--quick"] if quick else []
+    res = main(args)
+    case = "B=4, n=60, k=6" if quick else "B=32, n=1000, k=50"
+    rows = []
+    m = res["marginals"]
+    for name in ("structgrad torch rows", "structgrad torch columns", "structgrad numba"):
+        rows.append(row("ksubset", f"log Z + marginals, {case}", name.replace("structgrad ", ""), m[name],
+                        "autograd through the DP (SIMPLE)", m["simple-autograd"]))
+    for key, med in res.items():
+        if key.startswith("samples_"):
+            S = key.split("_")[1]
+            for name in ("rejection torch", "auto torch", "sequential numba"):
+                rows.append(row("ksubset", f"exact samples S={S}, {case}", name, med[name], "sequential torch", med["sequential torch"]))
+    return rows
+
+
 if __name__ == "__main__":
-    main()
+    setup("cpu")
+    rows = run("--quick" in sys.argv)
+    print(f"\nMeasured {machine()}; medians of interleaved rounds; ratio = baseline / structgrad\n")
+    print(markdown(rows))
