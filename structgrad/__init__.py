@@ -10,6 +10,7 @@ turn them into gradients.  See README.md.
 from . import nn
 from . import checks
 from .adapters import PerInstanceSolver, per_instance_solver
+from .aimle import AdaptiveLambda
 from .dpm import DPMLoss, DPMOutput, all_gather_with_grad, dpm_surrogate
 from .errors import (
     CapabilityError,
@@ -25,8 +26,12 @@ from .errors import (
     UnknownArgumentError,
     UnknownSolverError,
 )
+from .estimators import blackbox, marginal_straight_through, score_function, straight_through
+from .imle import imle, with_imle
 from .labels import chain_indicators, chain_labels
 from .nll import nll
+from .noise import GumbelNoise, NormalNoise, SumOfGammaNoise
+from .perturbed import perturbed_fenchel_young_loss, perturbed_optimizer
 from .rbm import BernoulliRBM, ReplicatedSoftmax
 from .registry import get_solver, list_solvers, register_solver, unregister_solver
 from .solver import Capabilities, MapSolver, Solver
@@ -34,6 +39,7 @@ from .solver import Capabilities, MapSolver, Solver
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveLambda",
     "BernoulliRBM",
     "Capabilities",
     "CapabilityError",
@@ -43,8 +49,10 @@ __all__ = [
     "DeviceError",
     "DomainError",
     "GraphError",
+    "GumbelNoise",
     "InfeasibleError",
     "MapSolver",
+    "NormalNoise",
     "PerInstanceSolver",
     "ReplicatedSoftmax",
     "ShapeError",
@@ -52,18 +60,27 @@ __all__ = [
     "SolverOutputError",
     "SolverTimeoutError",
     "StructgradError",
+    "SumOfGammaNoise",
     "UnknownArgumentError",
     "UnknownSolverError",
     "all_gather_with_grad",
+    "blackbox",
     "checks",
     "chain_indicators",
     "chain_labels",
     "dpm_surrogate",
     "get_solver",
+    "imle",
     "list_solvers",
+    "marginal_straight_through",
     "nll",
     "nn",
     "per_instance_solver",
+    "perturbed_fenchel_young_loss",
+    "perturbed_optimizer",
     "register_solver",
+    "score_function",
+    "straight_through",
     "unregister_solver",
+    "with_imle",
 ]
