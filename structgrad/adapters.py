@@ -270,11 +270,12 @@ def per_instance_solver(
         ``(*batch, *event)`` in θ's dtype and device; pass it as ``solver=`` anywhere.
 
     Raises:
-        DTypeError / DomainError: bad ``fn``, ``event_ndim``, ``threads`` or ``batched_kwargs``.
-        ShapeError (per call): a keyword in ``batched_kwargs`` whose leading dims are
-        not θ's batch shape.
-        SolverOutputError (per call): ``fn`` returned a wrong shape/structure or a
-        non-binary value; the message names the instance.
+        DTypeError: bad ``fn``, ``event_ndim``, ``threads`` or ``batched_kwargs`` (a wrong type).
+        DomainError: bad ``event_ndim``, ``threads`` or ``batched_kwargs`` (a wrong value).
+        ShapeError: (per call) a keyword in ``batched_kwargs`` whose leading dims are
+            not θ's batch shape.
+        SolverOutputError: (per call) ``fn`` returned a wrong shape/structure or a
+            non-binary value; the message names the instance.
 
     Shapes:
         θ ``(*batch, *event)`` → z ``(*batch, *event)``; ``fn`` sees ``(*event)``;
