@@ -648,10 +648,27 @@ def test_device_mismatch_for_lengths_is_named():
 def test_docstring_examples_run():
     import doctest
 
-    import structgrad.rbm
+    import importlib
 
-    result = doctest.testmod(structgrad.rbm, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 10 and result.failed == 0
+    attempted = 0
+    for name in ("rbm", "_rbm_base", "_rbm_ais", "_rbm_bernoulli", "_rbm_softmax"):
+        result = doctest.testmod(importlib.import_module(f"structgrad.{name}"), optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, name
+        attempted += result.attempted
+    assert attempted >= 10
+
+
+def test_rbm_module_layout():
+    """structgrad.rbm is split along its concepts; the public names stay where they were."""
+    import pathlib
+
+    import structgrad.rbm as rbm
+
+    assert set(rbm.__all__) == {"AISEstimate", "BernoulliRBM", "ReplicatedSoftmax", "ais_betas"}
+    assert sg.BernoulliRBM is rbm.BernoulliRBM and sg.ReplicatedSoftmax is rbm.ReplicatedSoftmax
+    root = pathlib.Path(rbm.__file__).parent
+    for f in ["rbm.py", *(p.name for p in root.glob("_rbm_*.py"))]:
+        assert len((root / f).read_text().splitlines()) <= 600, f
 
 
 def test_leading_batch_dimensions():
@@ -671,3 +688,35 @@ def test_leading_batch_dimensions():
     r = _rbm(4, 2)
     b = _bits(6, 4).reshape(3, 2, 4)
     assert r.gibbs(b, 1, generator=g).shape == (3, 2, 4) and r.log_prob(b).shape == (3, 2)
+
+
+@pytest.mark.parametrize("kind", ["rsm", "rbm"])
+@pytest.mark.parametrize("param,value", [("weight", float("nan")), ("visible_bias", float("inf")), ("hidden_bias", float("nan"))])
+def test_non_finite_parameters_refused_by_samplers(kind, param, value):
+    """A NaN weight used to make ReplicatedSoftmax.gibbs return empty documents; every
+    sampling entry point now names the parameter."""
+    m = _rsm(5, 3) if kind == "rsm" else _rbm(5, 3)
+    v = _docs(3, 5) if kind == "rsm" else _bits(3, 5)
+    with torch.no_grad():
+        getattr(m, param)[1] = value
+    g = torch.Generator().manual_seed(0)
+    what = "NaN" if value != value else "inf"
+    n_bad = 3 if param == "weight" else 1  # weight[1] is a row of num_hidden = 3 entries
+    msg = rf"{param}: expected finite parameters, got {n_bad} {what} \(first at index \(1,"
+    h = torch.zeros(3, 3, dtype=f64)
+    calls = [
+        lambda: m.gibbs(v, 1, generator=g),
+        lambda: m.cd_loss(v, 1, generator=g),
+        lambda: m.cd_loss(v, 1, persistent=True, generator=g),
+        lambda: m.persistent_negatives(v, generator=g),
+        lambda: m.sample_hidden(v, generator=g),
+        lambda: m.sample_visible(h, torch.tensor([2, 3, 4]), generator=g) if kind == "rsm" else m.sample_visible(h, generator=g),
+        lambda: m.ais_log_partition(torch.tensor([3]), num_chains=2, generator=g) if kind == "rsm"
+        else m.ais_log_partition(num_chains=2, num_betas=3, generator=g),
+    ]
+    for call in calls:
+        with pytest.raises(DomainError, match=msg):
+            call()
+    # k = 0 samples nothing and given negatives need no sampling: NaN propagates instead
+    assert torch.equal(m.gibbs(v, 0), v)
+    assert torch.isnan(m.free_energy(v)).any() or torch.isinf(m.free_energy(v)).any()
