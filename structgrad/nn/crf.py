@@ -156,6 +156,7 @@ class LinearChainCRF(torch.nn.Module):
         return TransitionConstraints(self.transition_mask, self.start_mask, self.end_mask)
 
     def extra_repr(self) -> str:
+        """``num_tags=..., start_end=..., constrained=...`` (shown by ``repr``)."""
         return f"num_tags={self.num_tags}, start_end={self.start_end}, constrained={self.constraints is not None}"
 
     # ------------------------------------------------------------------ public API
