@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import structgrad as sg
-from structgrad.solvers import chain as chain_mod
+from structgrad.solvers import _chain_torch
 from structgrad.testing import BruteForce, Case, check_solver, labeling_structures
 
 CHAIN = sg.get_solver("chain")
@@ -40,7 +40,7 @@ def make(B=(3,), T=4, C=3, mode="full", scale=1.0, seed=0, dtype=F64):
 
 def path_of(theta, lengths=None):
     node, edge = theta
-    return chain_mod._Problem(node, edge, lengths).path
+    return _chain_torch.Problem(node, edge, lengths).path
 
 
 # ----------------------------------------------------------------------------- conformance
@@ -282,13 +282,20 @@ def test_sample_reproducible_and_generator_checked():
         CHAIN.sample(theta, 0)
 
 
-def test_outputs_detached_and_no_second_order_graph():
+def test_outputs_detached_and_second_derivatives_refused():
     node, edge = make(B=(2,), T=4, C=3, mode="full", seed=18)
     n = node.clone().requires_grad_()
     mu = CHAIN.marginals((n, edge))
     assert not mu[0].requires_grad
-    (g,) = torch.autograd.grad(CHAIN.log_partition((n, edge)).sum(), n, create_graph=True)
-    assert not g.requires_grad  # no silent (wrong) second-order graph: the backward is once-differentiable
+    assert not CHAIN.capabilities.differentiable_marginals
+    # no silent (wrong) second-order graph: a create_graph backward is refused by name
+    with pytest.raises(sg.CapabilityError, match=r"second derivatives .*chain.*not available.*marginals.*not differentiable"):
+        torch.autograd.grad(CHAIN.log_partition((n, edge)).sum(), n, create_graph=True)
+    with pytest.raises(NotImplementedError, match="create_graph"):
+        CHAIN.log_partition((n, edge)).sum().backward(create_graph=True)
+    # first derivatives still work after the refusal, and without create_graph
+    (g,) = torch.autograd.grad(CHAIN.log_partition((n, edge)).sum(), n)
+    torch.testing.assert_close(g, mu[0])
 
 
 # ----------------------------------------------------------------------------- errors
