@@ -358,6 +358,15 @@ def test_error_tags():
     with pytest.raises(DomainError, match="got -1"):
         crf.score(em, bad)
     assert torch.isfinite(crf(em, bad, torch.tensor([4, 2])))  # past the length: ignored
+    # unchecked, a bad id within a length still fails (in torch's indexing), never silently
+    fast = sg.nn.LinearChainCRF(3, validate=False)
+    for v in (3, -1):
+        bad[1, 2] = v
+        with pytest.raises((RuntimeError, IndexError)):
+            fast(em, bad)
+        with pytest.raises((RuntimeError, IndexError)):
+            fast(em, bad, torch.tensor([4, 3]))
+    assert torch.isfinite(fast(em, bad, torch.tensor([4, 2])))
 
 
 def test_error_lengths_reduction_method_generator():

@@ -329,19 +329,24 @@ class LinearChainCRF(torch.nn.Module):
     def _gold(self, node, edge, tags, lengths, *, check: bool, range_check: bool | None = None) -> torch.Tensor:
         """s(tags) (B,) gathered from the tag ids: Σ_{t<L} node[t, y_t] + Σ_{t<L−1} edge[y_t, y_{t+1}].
         ``check``: one host sync for tag ids out of range within a length and for
-        gold scores of -inf (DomainError); ``range_check`` (default ``check``): ids only."""
+        gold scores of -inf (DomainError); ``range_check`` (default ``check``): ids only.
+        Unchecked, an out-of-range id within a length fails in torch's indexing (never
+        silently replaced); ids past a length are never read."""
         B, T, C = node.shape
-        range_check = check if range_check is None else range_check
+        range_check = check or bool(range_check)
         valid = None if lengths is None else torch.arange(T, device=node.device) < lengths.unsqueeze(1)
-        in_range = (tags >= 0) & (tags < C)
-        safe = torch.where(in_range, tags, torch.zeros_like(tags))
+        keep = valid
+        if range_check:  # checked below, after the gathers (one sync for everything)
+            in_range = (tags >= 0) & (tags < C)
+            keep = in_range if valid is None else valid & in_range
+        safe = tags if keep is None else torch.where(keep, tags, torch.zeros_like(tags))
         s = node.gather(2, safe.unsqueeze(-1)).squeeze(-1)  # (B, T)
         e = edge.reshape(-1)[safe[:, :-1] * C + safe[:, 1:]]  # (B, T−1)
         if valid is not None:
             s = torch.where(valid, s, torch.zeros((), dtype=s.dtype, device=s.device))
             e = torch.where(valid[:, 1:], e, torch.zeros((), dtype=e.dtype, device=e.device))
         gold = s.sum(1) + e.sum(1)
-        if range_check or check:
+        if range_check:
             bad = ~in_range if valid is None else valid & ~in_range
             flags = [bad.any(), torch.isneginf(gold).any() if check else bad.new_zeros(())]
             bad_range, forbidden = torch.stack(flags).tolist()
