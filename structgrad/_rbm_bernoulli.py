@@ -27,10 +27,12 @@ class BernoulliRBM(RBMBase):
     the ``bernoulli`` solver.
 
     Args:
-        num_visible: K.  num_hidden: F.
+        num_visible: K.
+        num_hidden: F.
         init_std: weights start as N(0, init_std²); biases start at 0.
         generator: for the initial weights (``None``: torch's default generator).
-        dtype, device: of the parameters; inputs must match them.
+        dtype: of the parameters (default: torch's default dtype); inputs must match it.
+        device: of the parameters (default: CPU); inputs must be on it.
     Parameters:
         ``weight (K, F)`` = W, ``visible_bias (K,)`` = b, ``hidden_bias (F,)`` = c.
         (scikit-learn's ``BernoulliRBM`` stores ``components_`` = Wᵀ,

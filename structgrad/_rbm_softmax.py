@@ -34,12 +34,14 @@ class ReplicatedSoftmax(RBMBase):
     gradient and the answer to the seed's question on the D factor.
 
     Args:
-        num_visible: K, the vocabulary size.  num_hidden: F.
+        num_visible: K, the vocabulary size.
+        num_hidden: F.
         scale_hidden_bias: multiply the hidden bias by D (default, as in the paper).
         init_std: weights start as N(0, init_std²); biases start at 0 (set
             ``visible_bias`` to the log word frequencies of the data for a better start).
         generator: for the initial weights (``None``: torch's default generator).
-        dtype, device: of the parameters; inputs must match them.
+        dtype: of the parameters (default: torch's default dtype); inputs must match it.
+        device: of the parameters (default: CPU); inputs must be on it.
     Parameters:
         ``weight (K, F)`` = W, ``visible_bias (K,)`` = b, ``hidden_bias (F,)`` = a.
     Buffers:

@@ -82,18 +82,17 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from . import _dpm_kernels as K
 from . import checks as V
 from . import logspace as ls
+from ._dpm_gather import all_gather_with_grad
+from ._dpm_kernels import ZETA_ESTIMATORS
 from .errors import DeviceError, DomainError, DTypeError, ShapeError
 
 __all__ = ["ZETA_ESTIMATORS", "DPMOutput", "DPMLoss", "dpm_surrogate", "all_gather_with_grad"]
 
-#: the ζ estimators :class:`DPMLoss` accepts (see the module docstring).
-ZETA_ESTIMATORS = ("seed", "unbiased")
-
-_NEG_INF = float("-inf")
+_NEG_INF = K.NEG_INF
 
 
 class DPMOutput(NamedTuple):
@@ -128,175 +127,6 @@ class DPMOutput(NamedTuple):
     zeta_grad_y: torch.Tensor
 
 
-# ---------------------------------------------------------------------------- checks
-def _check_real(x: Any, name: str, **bounds: Any) -> float:
-    return V.check_real(x, name, tensors=True, **bounds)
-
-
-def _check_xi(x: Any, name: str) -> float:
-    v = _check_real(x, name, allow_inf=True)
-    if v == _NEG_INF:
-        raise DomainError(f"{name}: expected a finite value or +inf (no offset), got -inf (an infinite offset)")
-    return v
-
-
-def _check_estimator(x: Any) -> str:
-    if x not in ZETA_ESTIMATORS:
-        raise DomainError(f"zeta_estimator: expected one of {ZETA_ESTIMATORS}, got {x!r}")
-    return x
-
-
-def _check_sim_shape(sim: Any, num_samples: int) -> int:
-    """sim is a float (B, B) tensor with 2 <= B <= n; returns B."""
-    V.check_float_tensor(sim, "sim")
-    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
-        raise ShapeError(
-            f"sim: expected a square (B, B) matrix with sim[i, j] = E(x_i, y_j), got shape {V.fmt_shape(sim.shape)}"
-        )
-    B = sim.shape[0]
-    if B < 2:
-        raise ShapeError(
-            f"sim: expected B >= 2 pairs (each anchor needs a negative), got shape {V.fmt_shape(sim.shape)}"
-        )
-    if B > num_samples:
-        raise ShapeError(
-            f"sim: batch of B = {B} pairs is larger than the dataset (num_samples = {num_samples}); "
-            f"expected B <= num_samples"
-        )
-    return B
-
-
-def _sim_has_neginf(sim: torch.Tensor) -> bool:
-    """Check sim's values (no NaN or +inf; finite diagonal); True if it holds −inf (masked pairs)."""
-    s = sim.detach()
-    lo, hi = torch.aminmax(s)
-    lo, hi, dmin = torch.stack((lo, hi, s.diagonal().amin())).tolist()
-    if not hi < math.inf:
-        raise DomainError("sim: expected finite scores (or -inf for an impossible pair), got NaN or +inf")
-    if dmin == _NEG_INF:
-        raise DomainError("sim: expected a finite diagonal (the positive pairs sim[i, i]), got -inf there")
-    return lo == _NEG_INF
-
-
-def _check_index(index: Any, B: int, num_samples: int, device: torch.device) -> torch.Tensor:
-    index = V.check_index_tensor(index, "index")
-    V.check_shape(index, (B,), "index", "(the dataset position of each row of sim)")
-    if index.device != device:
-        raise DeviceError(f"index is on device {index.device} but sim is on {device}; expected the same device")
-    srt = torch.sort(index).values  # one sort gives min, max and duplicates, one host sync
-    same = srt[1:] == srt[:-1]
-    lo, hi, dup = torch.stack((srt[0].long(), srt[-1].long(), same.any().long())).tolist()
-    if lo < 0 or hi >= num_samples:
-        raise DomainError(
-            f"index: expected dataset positions in [0, {num_samples - 1}] (num_samples = {num_samples}), "
-            f"got min {lo} and max {hi}"
-        )
-    if dup:
-        d = srt[1:][same].unique()[:5].tolist()
-        raise DomainError(
-            f"index: expected distinct dataset positions in one batch (each pair once), got duplicates {d}"
-        )
-    return index.to(torch.long)  # index_copy_/index_fill_ need int64; any integer dtype is accepted
-
-
-def _check_vector(x: Any, name: str, B: int, device: torch.device) -> torch.Tensor:
-    V.check_float_tensor(x, name)
-    V.check_shape(x, (B,), name, "(one value per pair in the batch)")
-    if x.device != device:
-        raise DeviceError(f"{name} is on device {x.device} but sim is on {device}; expected the same device")
-    return x
-
-
-# ---------------------------------------------------------------------------- kernels
-# Both directions are computed together.  A "(2, B)" tensor holds in row 0 what the
-# anchors x_i use (their s; ζ, ξ of their candidates y_j) and in row 1 what the anchors
-# y_j use (their s; ζ, ξ of their candidates x_i).  The state is laid out the same way.
-def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x if x.dtype == dtype else x.to(dtype)
-
-
-def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    wd = torch.float32
-    for d in dtypes:
-        wd = torch.promote_types(wd, d)
-    return wd
-
-
-def _marginals(sim: torch.Tensor, nzs: torch.Tensor, tau: float, wd: torch.dtype, masked: bool):
-    """Both directions' categorical marginals over the candidates and log-partitions.
-
-    The anchors x_i have logits L_ij = (E_ij − E_ii − ζ_j)/τ over the candidates j ≠ i (the
-    positive is left out), the anchors y_j have L_ij = (E_ij − E_jj − ζ_i)/τ over i ≠ j.
-    E_aa only shifts an anchor's logits, so the marginals π are the softmax of
-    A = E/τ − ζ/τ (diagonal −inf) and log Σ exp(L) = logsumexp(A) − E_aa/τ, where
-    logsumexp(A) = max A − log max π (the largest marginal is exp(max A − logsumexp A)),
-    one fused softmax and two max passes per direction.
-
-    Args:
-        nzs: ``(2, B)`` −ζ/τ of the candidates of each direction.
-    Returns:
-        π_x (B, B) rows summing to 1, π_y (B, B) columns summing to 1, ``lse (2, B)``.
-    """
-    E = _as(sim.detach(), wd)
-    r = 1.0 / tau
-    Ax = torch.add(nzs[0], E, alpha=r)
-    Ay = torch.add(nzs[1].unsqueeze(1), E, alpha=r)
-    Ax.diagonal().fill_(_NEG_INF)
-    Ay.diagonal().fill_(_NEG_INF)
-    # the categorical marginals (an anchor whose candidates are all impossible: zeros)
-    pi_x, pi_y = ls.softmax(Ax, 1), ls.softmax(Ay, 0)
-    top = torch.stack((pi_x.amax(1), pi_y.amax(0))).log_()
-    lse = torch.stack((Ax.amax(1), Ay.amax(0))).sub_(top).sub_(E.diagonal(), alpha=r)
-    if masked:
-        lse.nan_to_num_(nan=_NEG_INF)  # (−inf) − (−inf) for those anchors: Σ exp(L) = 0
-    return pi_x, pi_y, lse
-
-
-def _finish(sim, pi_x, pi_y, lse, log_s, nzs, xi, tau, n, estimator, masked) -> tuple[DPMOutput, torch.Tensor]:
-    """Weights, surrogate, monitors and n Ĝ_ζ from both directions.
-
-    Args (rows as above): π_x, π_y, ``lse`` from :func:`_marginals` (π_x is overwritten);
-    ``log_s (2, B)`` log s of the anchors for this batch; ``nzs (2, B)`` −ζ/τ of the
-    candidates; ``xi (2,)`` ξ of the candidates.
-    Returns the output and n Ĝ_ζ ``(2, B)`` of the candidates, in the working dtype.
-
-    W_aj = exp(L_aj)/(offset + s_a) = rho_a π_aj with rho_a = S_a/(offset + s_a) ≤ 1/γ
-    (S_a = exp(lse_a)), and q_aj = kappa_a π_aj likewise: no factor that could overflow
-    is ever formed.
-    """
-    B = pi_x.shape[0]
-    log_ratio = math.log(B - 1) - math.log(n - 1)  # log((B−1)/(n−1))
-    log_norm = ls.logaddexp(log_s, xi.div(-tau).add_(log_ratio).unsqueeze(1))  # log(offset + s)
-    rb = (lse - log_norm).sub_(math.log(B)).exp_()  # Σ_j W_aj / B
-    if masked:
-        rb.nan_to_num_(nan=0.0)  # S_a = 0 and no offset
-    # (n−1) s̃_a = exp(−ζ_a/τ) + ((n−1)/(B−1)) s_a; exp(−ζ_a/τ)/(n−1) is offset_tilde
-    log_t = ls.logaddexp(nzs, log_s - log_ratio)
-    kappa, q_diag = torch.stack((lse, nzs)).sub_(log_t).exp_().unbind()
-    kx, ky = kappa.unbind()
-    col = torch.stack((torch.mv(pi_x.t(), kx), torch.mv(pi_y, ky)))  # Σ_{a≠c} q_ac
-    if estimator == "seed":
-        g = col.add_(q_diag).mul_(-n / B).add_(1.0)
-    else:
-        g = col.mul_(-(n - 1) / (B - 1)).sub_(q_diag).add_(1.0)
-    obj = _as(log_norm.mean(1).sub_(log_ratio).mul_(tau), sim.dtype)
-    C = pi_x.mul_(rb[0].unsqueeze(1)).addcmul_(pi_y, rb[1])
-    C.diagonal().sub_(rb.sum(0))  # the diagonal of π is 0
-    # the surrogate <C, sim> through autograd: its gradient with respect to sim is C
-    s = _as(sim, C.dtype)
-    if masked:
-        s = s.masked_fill(torch.isneginf(s.detach()), 0.0)  # C is 0 there: no 0·(−inf)
-    obj_x, obj_y = obj.unbind()
-    g_y, g_x = _as(g, sim.dtype).unbind()
-    out = DPMOutput(
-        surrogate=_as(torch.dot(s.reshape(-1), C.reshape(-1)), sim.dtype),
-        objective=obj.sum(),
-        objective_x=obj_x,
-        objective_y=obj_y,
-        zeta_grad_x=g_x,
-        zeta_grad_y=g_y,
-    )
-    return out, g
 
 
 # ---------------------------------------------------------------------------- functional
@@ -324,10 +154,13 @@ def dpm_surrogate(
         log_s_x: ``(B,)`` log s_i for the anchors x_i, the estimate of
             log(((B−1)/(n−1)) Σ_{j≠i} exp(L_ij)) (already updated with this batch).
         log_s_y: ``(B,)`` the same for the anchors y_j.
-        zeta_x, zeta_y: ``(B,)`` ζ of the x's and of the y's in the batch.
-        xi_x, xi_y: ξ used where the x's (resp. y's) are the candidates, i.e. the
-            offset of the anchors y (resp. x); ``inf`` removes the offset.
-        tau: temperature τ > 0.  num_samples: the dataset size n ≥ B.
+        zeta_x: ``(B,)`` ζ of the x's in the batch.
+        zeta_y: ``(B,)`` ζ of the y's in the batch.
+        xi_x: ξ used where the x's are the candidates, i.e. the offset of the
+            anchors y; ``inf`` removes the offset.
+        xi_y: ξ used where the y's are the candidates (the offset of the anchors x).
+        tau: temperature τ > 0.
+        num_samples: the dataset size n ≥ B.
         zeta_estimator: ``"seed"`` or ``"unbiased"`` (module docstring).
     Returns:
         :class:`DPMOutput`; ``surrogate`` has gradient Ĝ_w with respect to ``sim``.
@@ -344,12 +177,12 @@ def dpm_surrogate(
         >>> out.surrogate.backward()
     """
     n = V.check_positive_int(num_samples, "num_samples", minimum=2)
-    tau = _check_real(tau, "tau", lo=0.0, lo_open=True)
-    xi_x, xi_y = _check_xi(xi_x, "xi_x"), _check_xi(xi_y, "xi_y")
-    estimator = _check_estimator(zeta_estimator)
-    B = _check_sim_shape(sim, n)
-    masked = _sim_has_neginf(sim)
-    vecs = {nm: _check_vector(v, nm, B, sim.device) for nm, v in
+    tau = K.check_real(tau, "tau", lo=0.0, lo_open=True)
+    xi_x, xi_y = K.check_xi(xi_x, "xi_x"), K.check_xi(xi_y, "xi_y")
+    estimator = K.check_estimator(zeta_estimator)
+    B = K.check_sim_shape(sim, n)
+    masked = K.sim_has_neginf(sim)
+    vecs = {nm: K.check_vector(v, nm, B, sim.device) for nm, v in
             (("log_s_x", log_s_x), ("log_s_y", log_s_y), ("zeta_x", zeta_x), ("zeta_y", zeta_y))}
     for nm in ("zeta_x", "zeta_y"):
         if not bool(torch.isfinite(vecs[nm]).all()):
@@ -359,18 +192,18 @@ def dpm_surrogate(
         v = vecs[nm]
         if bool((torch.isnan(v) | torch.isposinf(v)).any()):
             raise DomainError(f"{nm}: expected log s in [-inf, inf), got NaN or +inf")
-    wd = _work_dtype(sim.dtype, *(v.dtype for v in vecs.values()))
+    wd = K.work_dtype(sim.dtype, *(v.dtype for v in vecs.values()))
     with torch.no_grad():
         log_s = torch.stack((vecs["log_s_x"], vecs["log_s_y"])).to(wd)  # the anchors' s
         nzs = torch.stack((vecs["zeta_y"], vecs["zeta_x"])).to(wd).div_(-tau)  # the candidates' −ζ/τ
         xi = torch.tensor([xi_y, xi_x], dtype=wd, device=sim.device)
-        pi_x, pi_y, lse = _marginals(sim, nzs, tau, wd, masked)
+        pi_x, pi_y, lse = K.marginals(sim, nzs, tau, wd, masked)
         if bool((torch.isneginf(log_s) & torch.isfinite(lse) & (xi == math.inf).unsqueeze(1)).any()):
             raise DomainError(
                 "log_s_x/log_s_y: got -inf (s = 0) for an anchor whose negatives have positive weight, "
                 "with no offset (xi = inf); the weights would be infinite"
             )
-    return _finish(sim, pi_x, pi_y, lse, log_s, nzs, xi, tau, n, estimator, masked)[0]
+    return DPMOutput(*K.finish(sim, pi_x, pi_y, lse, log_s, nzs, xi, tau, n, estimator, masked)[0])
 
 
 # ---------------------------------------------------------------------------- module
@@ -395,7 +228,8 @@ class DPMLoss(nn.Module):
         zeta_start_step: ζ stays frozen during the first this-many training steps
             (published: 5 epochs' worth).
         zeta_estimator: ``"seed"`` (default, reproduces the paper) or ``"unbiased"``.
-        device, dtype: of the floating state (default: CPU, the default dtype);
+        device: of the state (default: CPU).
+        dtype: of the floating state (default: the default dtype);
             ``.to()``, ``.double()`` move and cast it like any buffer (``.double()``
             widens the float32 initial ξ and ζ; pass ``dtype=torch.float64`` to start
             from the exact values).
@@ -462,14 +296,14 @@ class DPMLoss(nn.Module):
         super().__init__()
         n = V.check_positive_int(num_samples, "num_samples", minimum=2)
         self.num_samples = n
-        self.tau = _check_real(tau, "tau", lo=0.0, lo_open=True)
-        self.gamma = _check_real(gamma, "gamma", lo=0.0, lo_open=True, hi=1.0)
-        self.xi_init = _check_xi(xi, "xi")
-        zeta = _check_real(zeta, "zeta")
+        self.tau = K.check_real(tau, "tau", lo=0.0, lo_open=True)
+        self.gamma = K.check_real(gamma, "gamma", lo=0.0, lo_open=True, hi=1.0)
+        self.xi_init = K.check_xi(xi, "xi")
+        zeta = K.check_real(zeta, "zeta")
         self.zeta_lr = zeta_lr
-        self.zeta_momentum_rate = _check_real(zeta_momentum, "zeta_momentum", lo=0.0, lo_open=True, hi=1.0)
+        self.zeta_momentum_rate = K.check_real(zeta_momentum, "zeta_momentum", lo=0.0, lo_open=True, hi=1.0)
         self.zeta_start_step = V.check_positive_int(zeta_start_step, "zeta_start_step", minimum=0)
-        self.zeta_estimator = _check_estimator(zeta_estimator)
+        self.zeta_estimator = K.check_estimator(zeta_estimator)
         if dtype is None:
             dtype = torch.get_default_dtype()
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -505,9 +339,9 @@ class DPMLoss(nn.Module):
         if isinstance(value, (tuple, list)):
             if len(value) != 2:
                 raise ShapeError(f"zeta_lr: expected a number or a pair (lr_x, lr_y), got {len(value)} values")
-            self._zeta_lr = (_check_real(value[0], "zeta_lr[0]", lo=0.0), _check_real(value[1], "zeta_lr[1]", lo=0.0))
+            self._zeta_lr = (K.check_real(value[0], "zeta_lr[0]", lo=0.0), K.check_real(value[1], "zeta_lr[1]", lo=0.0))
         else:
-            v = _check_real(value, "zeta_lr", lo=0.0)
+            v = K.check_real(value, "zeta_lr", lo=0.0)
             self._zeta_lr = (v, v)
 
     def extra_repr(self) -> str:
@@ -528,6 +362,34 @@ class DPMLoss(nn.Module):
         self.xi.copy_(self.zeta.amax(1).clamp_(min=self.xi_init))
         return self.xi_x.clone(), self.xi_y.clone()
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A state saved for another dataset size cannot be used: say so by name (torch
+        # would raise a RuntimeError listing five size mismatches).
+        n = self.num_samples
+        for name, shape in (("log_s", (2, n)), ("zeta", (2, n)), ("zeta_momentum", (2, n)),
+                            ("visited", (n,)), ("zeta_started", (n,)), ("xi", (2,)), ("step", ())):
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and tuple(t.shape) != shape:
+                got = t.shape[-1] if t.dim() and name not in ("xi", "step") else None
+                saved = f" (saved with num_samples = {got})" if got is not None else ""
+                raise ShapeError(
+                    f"state_dict: {prefix}{name} has shape {V.fmt_shape(t.shape)}{saved}, expected "
+                    f"{V.fmt_shape(shape)} for this DPMLoss with num_samples = {n}; create the loss with "
+                    f"the dataset size the state was saved for"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     @torch.no_grad()
     def reset_state(self) -> None:
         """Forget everything learnt: s unvisited, ζ = its initial value, ξ = ξ_0, step 0."""
@@ -543,20 +405,20 @@ class DPMLoss(nn.Module):
     def forward(self, sim: torch.Tensor, index: torch.Tensor) -> DPMOutput:
         """One step; see the class docstring.  Returns a :class:`DPMOutput`."""
         n = self.num_samples
-        B = _check_sim_shape(sim, n)
+        B = K.check_sim_shape(sim, n)
         if sim.device != self.log_s.device:
             raise DeviceError(
                 f"sim is on device {sim.device} but the DPMLoss state is on {self.log_s.device}; "
                 f"move the loss with .to({str(sim.device)!r})"
             )
-        index = _check_index(index, B, n, sim.device)
-        wd = _work_dtype(sim.dtype, self.log_s.dtype)
+        index = K.check_index(index, B, n, sim.device)
+        wd = K.work_dtype(sim.dtype, self.log_s.dtype)
         # sim's values are checked after the fact: a NaN or ±inf anywhere in sim shows in
         # lse or in the surrogate's value, and only then is sim inspected (and, if it
         # merely holds −inf pairs, the step recomputed on the masked path).
         out, log_u, zeta_b, g_zeta, ok = self._step(sim, index, B, wd, masked=False)
         if not ok:
-            if not _sim_has_neginf(sim):  # raises on NaN, +inf or a non-finite diagonal
+            if not K.sim_has_neginf(sim):  # raises on NaN, +inf or a non-finite diagonal
                 raise DomainError(
                     f"sim: sim / tau overflows (tau = {self.tau}, max |sim| = {float(sim.detach().abs().max())}); "
                     f"expected |sim| / tau within the range of {wd}"
@@ -568,18 +430,21 @@ class DPMLoss(nn.Module):
 
     def _step(self, sim, index, B, wd, masked):
         tau, g, buf = self.tau, self.gamma, self._buffers
-        zeta_b = _as(buf["zeta"].index_select(1, index), wd)
+        zeta_b = K.as_dtype(buf["zeta"].index_select(1, index), wd)
         nzs = zeta_b.div(-tau)
-        pi_x, pi_y, lse = _marginals(sim, nzs, tau, wd, masked)
+        pi_x, pi_y, lse = K.marginals(sim, nzs, tau, wd, masked)
         # The state holds u = s/(B − 1), the moving average of the mean over the
         # negatives, so that batches of different sizes share one estimate.
         log_b = math.log(B - 1)
         fresh = lse - log_b
         log_keep = math.log1p(-g) if g < 1.0 else _NEG_INF
-        mixed = ls.logaddexp(_as(buf["log_s"].index_select(1, index), wd).add_(log_keep), fresh + math.log(g))
+        mixed = ls.logaddexp(K.as_dtype(buf["log_s"].index_select(1, index), wd).add_(log_keep), fresh + math.log(g))
         log_u = torch.where(buf["visited"].index_select(0, index), mixed, fresh)
-        out, g_zeta = _finish(sim, pi_x, pi_y, lse, log_u + log_b, nzs, _as(buf["xi"], wd), tau, self.num_samples,
-                              self.zeta_estimator, masked)
+        fields, g_zeta = K.finish(
+            sim, pi_x, pi_y, lse, log_u + log_b, nzs, K.as_dtype(buf["xi"], wd), tau, self.num_samples,
+            self.zeta_estimator, masked,
+        )
+        out = DPMOutput(*fields)
         ok = masked or math.isfinite((lse.sum() + out.surrogate.detach()).item())
         return out, log_u, zeta_b, g_zeta, ok
 
@@ -587,10 +452,10 @@ class DPMLoss(nn.Module):
         """Store s, and from ``zeta_start_step`` on take the ζ momentum step."""
         buf = self._buffers
         dt = buf["log_s"].dtype
-        buf["log_s"].index_copy_(1, index, _as(log_u, dt))
+        buf["log_s"].index_copy_(1, index, K.as_dtype(log_u, dt))
         buf["visited"].index_fill_(0, index, True)
         if int(buf["step"]) >= self.zeta_start_step:
-            u_old = _as(buf["zeta_momentum"].index_select(1, index), g_zeta.dtype)
+            u_old = K.as_dtype(buf["zeta_momentum"].index_select(1, index), g_zeta.dtype)
             # u ← (1 − θ) u + θ n Ĝ_ζ, and u = n Ĝ_ζ on an index's first step
             started = buf["zeta_started"].index_select(0, index)
             u = torch.where(started, torch.lerp(u_old, g_zeta, self.zeta_momentum_rate), g_zeta)
@@ -599,81 +464,7 @@ class DPMLoss(nn.Module):
                 new = torch.sub(zeta_b, u, alpha=lr_x)
             else:  # row 0 holds ζ of the y's
                 new = torch.addcmul(zeta_b, u, torch.tensor([[-lr_y], [-lr_x]], dtype=u.dtype, device=u.device))
-            buf["zeta_momentum"].index_copy_(1, index, _as(u, dt))
-            buf["zeta"].index_copy_(1, index, _as(new, dt))
+            buf["zeta_momentum"].index_copy_(1, index, K.as_dtype(u, dt))
+            buf["zeta"].index_copy_(1, index, K.as_dtype(new, dt))
             buf["zeta_started"].index_fill_(0, index, True)
         buf["step"].add_(1)
-
-
-# ---------------------------------------------------------------------------- distributed
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
-        import torch.distributed as dist
-
-        world = dist.get_world_size(group)
-        rank = dist.get_rank(group)
-        shape = torch.tensor(list(x.shape), dtype=torch.long, device=x.device)
-        shapes = [torch.empty_like(shape) for _ in range(world)]
-        dist.all_gather(shapes, shape, group=group)
-        shapes = [tuple(s.tolist()) for s in shapes]
-        for r, s in enumerate(shapes):
-            if s[1:] != tuple(x.shape[1:]):
-                raise ShapeError(
-                    f"x: expected every rank to share the trailing shape {V.fmt_shape(x.shape[1:])}, "
-                    f"rank {r} has {V.fmt_shape(s)}"
-                )
-        sizes = [s[0] for s in shapes]
-        m = max(sizes)
-        padded = x.new_zeros((m,) + tuple(x.shape[1:]))
-        padded[: x.shape[0]] = x
-        bufs = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(bufs, padded, group=group)
-        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
-        return torch.cat([b[:s] for b, s in zip(bufs, sizes)])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        import torch.distributed as dist
-
-        total = grad.contiguous().clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = sum(ctx.sizes[: ctx.rank])
-        return total[start : start + ctx.sizes[ctx.rank]], None
-
-
-def all_gather_with_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0, with a gradient.
-
-    The forward is an all-gather (ranks may hold different numbers of rows: no
-    drop_last needed).  The backward sums the incoming gradients over the ranks and
-    returns each rank its own rows, so with every rank computing the same loss on
-    the gathered batch and DDP averaging the parameter gradients, the result equals
-    the gradient of one process on the concatenated batch.  Integer tensors (the
-    dataset indices) pass through without a gradient.  Without an initialised
-    process group (one process) ``x`` is returned unchanged.
-
-    Args:
-        x: ``(b_r, *rest)`` on this rank; ``rest`` equal on every rank.
-        group: a process group (default: the world).
-    Returns:
-        ``(Σ_r b_r, *rest)``, the ranks' rows in rank order.
-    Complexity:
-        two all-gathers forward (shapes, then data padded to the largest b_r) and one
-        all-reduce backward.
-    Example:
-        >>> import torch
-        >>> from structgrad.dpm import all_gather_with_grad
-        >>> all_gather_with_grad(torch.ones(2, 3)).shape   # no process group: unchanged
-        torch.Size([2, 3])
-    """
-    if not isinstance(x, torch.Tensor):
-        raise DTypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1:
-        raise ShapeError(f"x: expected at least one dimension (rows to gather), got shape {V.fmt_shape(x.shape)}")
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    return _AllGather.apply(x, group)

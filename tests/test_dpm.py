@@ -670,9 +670,48 @@ def test_benchmark_runs_quick():
 def test_docstring_examples_run():
     import doctest
 
-    import structgrad.dpm
+    import importlib
 
-    assert doctest.testmod(structgrad.dpm).failed == 0
+    attempted = 0
+    for name in ("dpm", "_dpm_kernels", "_dpm_gather"):
+        result = doctest.testmod(importlib.import_module(f"structgrad.{name}"))
+        assert result.failed == 0, name
+        attempted += result.attempted
+    assert attempted >= 3
+
+
+def test_dpm_module_layout():
+    """dpm.py is split (checks and kernels, distributed gather); public names unchanged."""
+    import pathlib
+
+    import structgrad.dpm as dpm
+
+    assert set(dpm.__all__) == {"ZETA_ESTIMATORS", "DPMOutput", "DPMLoss", "dpm_surrogate", "all_gather_with_grad"}
+    assert sg.all_gather_with_grad is dpm.all_gather_with_grad and dpm.ZETA_ESTIMATORS == ("seed", "unbiased")
+    root = pathlib.Path(dpm.__file__).parent
+    for f in ["dpm.py", "_dpm_kernels.py", "_dpm_gather.py"]:
+        assert len((root / f).read_text().splitlines()) <= 600, f
+
+
+def test_load_state_dict_of_another_dataset_size_is_a_shape_error():
+    a = DPMLoss(12, tau=0.2, gamma=0.8, xi=0.0)
+    run_steps(a, 2, seed=0)
+    b = DPMLoss(10, tau=0.2, gamma=0.8, xi=0.0)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    with pytest.raises(
+        ShapeError,
+        match=r"state_dict: log_s has shape \(2, 12\) \(saved with num_samples = 12\), expected \(2, 10\) "
+        r"for this DPMLoss with num_samples = 10",
+    ):
+        b.load_state_dict(a.state_dict())
+    with pytest.raises(ShapeError, match=r"state_dict: log_s has shape"):
+        b.load_state_dict(a.state_dict(), strict=False)
+    for k, v in b.state_dict().items():  # nothing was half-loaded
+        assert torch.equal(v, before[k]), k
+    # inside a container the message carries the prefix
+    outer = torch.nn.ModuleDict({"crit": DPMLoss(10, tau=0.2, gamma=0.8, xi=0.0)})
+    with pytest.raises(ShapeError, match=r"state_dict: crit\.log_s has shape"):
+        outer.load_state_dict(torch.nn.ModuleDict({"crit": a}).state_dict())
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.int64])
