@@ -9,6 +9,7 @@ turn them into gradients.  See README.md.
 
 from . import nn
 from . import checks
+from . import lab
 from .adapters import PerInstanceSolver, per_instance_solver
 from .aimle import AdaptiveLambda
 from .dpm import DPMLoss, DPMOutput, all_gather_with_grad, dpm_surrogate
@@ -71,6 +72,7 @@ __all__ = [
     "dpm_surrogate",
     "get_solver",
     "imle",
+    "lab",
     "list_solvers",
     "marginal_straight_through",
     "nll",
