@@ -25,6 +25,7 @@ BUILTIN_SOLVERS: dict[str, str] = {
     "chain": "structgrad.solvers.chain:ChainSolver",
     "ilp": "structgrad.solvers.ilp:ILPSolver",
     "ksubset": "structgrad.solvers.ksubset:KSubsetSolver",
+    "tree": "structgrad.solvers.tree:TreeSolver",
 }
 
 #: name -> the operations the built-in's class declares (its default capabilities).
@@ -34,6 +35,7 @@ BUILTIN_OPERATIONS: dict[str, tuple[str, ...]] = {
     "chain": _ALL,
     "ilp": ("map",),
     "ksubset": _ALL,
+    "tree": _ALL,
 }
 
 #: name -> factory, for solvers registered at run time (written by the registry only).
