@@ -2,6 +2,7 @@
 
 Run:  python benchmarks/crf.py            (full: a few minutes on 2 cores)
       python benchmarks/crf.py --quick    (smoke run)
+      python benchmarks/crf.py --device cuda
       python -m benchmarks --only crf     (as part of the suite)
 
 Peers (install without dependencies so torch is not replaced):
@@ -94,7 +95,7 @@ def _ts_potentials(em, trans, start, end):
 def _onehot_recipe(ours, em, tags, lengths, chain):
     """The pre-layer recipe: start/end folded by hand, one-hot gold via chain_indicators, nll."""
     B, T, C = em.shape
-    L = lengths if lengths is not None else torch.full((B,), T, dtype=torch.long)
+    L = lengths if lengths is not None else torch.full((B,), T, dtype=torch.long, device=em.device)
     node = em.clone()
     node[:, 0] = node[:, 0] + ours.start
     node = node + torch.nn.functional.one_hot(L - 1, T).to(em.dtype)[..., None] * ours.end
@@ -102,7 +103,7 @@ def _onehot_recipe(ours, em, tags, lengths, chain):
     return sg.nll((node, ours.transitions), gold, chain, lengths=lengths)
 
 
-def measure(shape, rounds: int, *, lengths: bool = False, bio: bool = False) -> dict:
+def measure(shape, rounds: int, *, lengths: bool = False, bio: bool = False, device: str = "cpu") -> dict:
     torch_struct, CRF = _peers()
     B, T, C = shape
     g = torch.Generator().manual_seed(0)
@@ -118,6 +119,9 @@ def measure(shape, rounds: int, *, lengths: bool = False, bio: bool = False) -> 
         tags = ours.sample(em, 1, L, generator=g)[0].clamp(min=0)
     else:
         tags = torch.randint(C, (B, T), generator=g)
+    ours, ref, em, tags = ours.to(device), ref.to(device), em.to(device), tags.to(device)
+    L = None if L is None else L.to(device)
+    mask = None if mask is None else mask.to(device)
 
     # --- the same numbers first
     nll_ours = ours(em, tags, L, reduction="none").detach()
@@ -134,10 +138,10 @@ def measure(shape, rounds: int, *, lengths: bool = False, bio: bool = False) -> 
     chain = sg.get_solver("chain")
     use_ts = not lengths and not bio
     if use_ts:
-        parts = torch_struct.LinearChainCRF.struct.to_parts(tags, C).to(em.dtype)  # outside the timed call
+        parts = torch_struct.LinearChainCRF.struct.to_parts(tags.cpu(), C).to(device, em.dtype)  # outside the timed call
         ts_nll = -torch_struct.LinearChainCRF(_ts_potentials(em, ours.transitions, ours.start, ours.end)).log_prob(parts).detach()
         check["nll vs torch-struct (max rel. diff)"] = float(((nll_ours - ts_nll).abs() / ts_nll.abs().clamp(min=1)).max())
-        check["nll vs one-hot recipe"] = float((_onehot_recipe(ours, em, tags, L, chain) - nll_ours).abs().max())
+        check["nll vs one-hot recipe"] = float((_onehot_recipe(ours, em, tags, L, chain).detach() - nll_ours).abs().max())
 
     # --- timings
     def f_ours():
@@ -186,7 +190,7 @@ def to_rows(m: dict) -> list[dict]:
     return rows
 
 
-def run(quick: bool = False, rounds: int = 15) -> list[dict]:
+def run(quick: bool = False, device: str = "cpu", rounds: int = 15) -> list[dict]:
     """The suite's entry point: checks agreement, times, returns rows (ratio = peer / ours)."""
     warnings.filterwarnings("ignore", module="torch_struct")  # its distributions lack arg_constraints
     if quick:
@@ -195,7 +199,7 @@ def run(quick: bool = False, rounds: int = 15) -> list[dict]:
         plan = [(s, False, False) for s in SHAPES] + [(SHAPES[0], True, False), (BIO_SHAPE, False, True)]
     rows = []
     for shape, lengths, bio in plan:
-        m = measure(shape, rounds, lengths=lengths, bio=bio)
+        m = measure(shape, rounds, lengths=lengths, bio=bio, device=device)
         bad = {k: v for k, v in m["check"].items() if v > (0 if "mismatches" in k else 1e-4)}
         if bad:
             raise RuntimeError(f"crf benchmark {shape}: contenders disagree: {bad}")
@@ -207,10 +211,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (smoke run)")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args(argv)
-    setup("cpu")
-    rows = run(args.quick, args.rounds)
-    print(f"Measured {machine('cpu')}; medians of interleaved rounds; ratio = peer / structgrad\n")
+    setup(args.device)
+    rows = run(args.quick, args.device, args.rounds)
+    print(f"Measured {machine(args.device)}; medians of interleaved rounds; ratio = peer / structgrad\n")
     print(markdown(rows))
 
 

@@ -421,3 +421,42 @@ def test_device_mismatch():
     crf = sg.nn.LinearChainCRF(3)
     with pytest.raises(DeviceError):
         crf.decode(torch.randn(1, 2, 3, device="meta"))
+
+
+# ----------------------------------------------------------------------------- CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("constrained", [False, True])
+def test_cuda_matches_cpu(dtype, constrained):
+    tags_names = ["O", "B-A", "I-A", "B-B", "I-B"]
+    cons = sg.nn.allowed_transitions(tags_names, "BIO") if constrained else None
+    cpu = make_crf(5, seed=21, constraints=cons).to(dtype)
+    gpu = make_crf(5, seed=21, constraints=cons).to(dtype).cuda()
+    g = torch.Generator().manual_seed(22)
+    em = (torch.randn(6, 9, 5, generator=g, dtype=F64) * 3).to(dtype)
+    L = torch.tensor([9, 0, 1, 5, 9, 3])
+    tags = cpu.decode(em, L).clamp(min=0)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    e_c, e_g = em.clone().requires_grad_(), em.cuda().requires_grad_()
+    l_c = cpu(e_c, tags, L, reduction="none")
+    l_g = gpu(e_g, tags.cuda(), L.cuda(), reduction="none")
+    assert l_g.device.type == "cuda" and l_g.dtype == dtype
+    torch.testing.assert_close(l_g.cpu(), l_c, **tol)
+    l_c.sum().backward()
+    l_g.sum().backward()
+    torch.testing.assert_close(e_g.grad.cpu(), e_c.grad, **tol)
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(b.grad.cpu(), a.grad, **tol)
+    for method in ("viterbi", "marginal"):
+        d = gpu.decode(em.cuda(), L.cuda(), method=method)
+        assert d.device.type == "cuda" and torch.equal(d.cpu(), cpu.decode(em, L, method=method))
+    torch.testing.assert_close(gpu.marginals(em.cuda(), L.cuda()).cpu(), cpu.marginals(em, L), **tol)
+    torch.testing.assert_close(gpu.log_partition(em.cuda(), L.cuda()).cpu(), cpu.log_partition(em, L), **tol)
+    s = gpu.sample(em.cuda(), 7, L.cuda(), generator=torch.Generator(device="cuda").manual_seed(0))
+    assert s.shape == (7, 6, 9) and s.device.type == "cuda"
+    valid = (torch.arange(9) < L[:, None]).cuda()
+    assert ((s >= 0) == valid).all()
+    if constrained:
+        tm = gpu.transition_mask
+        ok = tm[s[..., :-1].clamp(min=0), s[..., 1:].clamp(min=0)] | ~valid[:, 1:]
+        assert ok.all() and gpu.start_mask[s[:, valid[:, 0], 0]].all()
