@@ -1,29 +1,38 @@
-"""The ``ilp`` solver against a plain OR-Tools CP-SAT script doing the same solve.
+"""The ``ilp`` solver against plain OR-Tools scripts doing the same solves.
 
 Run:  python benchmarks/ilp.py            (full)
       python benchmarks/ilp.py --quick    (smoke run, seconds)
 
-What is timed (torch at 1 thread; all contenders in one process; interleaved: one
-call of each per round with the order rotated; a fresh θ ~ N(0, 1) per round,
-shared by the contenders of that round; medians over rounds):
+Every row compares ``ilp.map`` with a peer doing the same solve and reports
+ratio = peer time ÷ our time ("× faster"; above 1 we are faster).  Torch at one
+thread; all contenders in one process; interleaved: one call of each per round, the
+order rotated; a fresh θ ~ N(0, 1) per round shared by the contenders of that round;
+medians over rounds.  Before timing, the contenders are checked to reach the same
+objective value.  The peers use the same integer scaling of θ as the solver
+(round(θ·2^(30−k)), max|θ| = f·2^k), so they solve the same problem.
 
-* knapsack: n = 200 binary variables, 20 random knapsack rows (weights U{1..100},
-  capacity half of each row's total).
-    - ``structgrad ilp``: ``get_solver("ilp", A=A, b=b)`` once, then ``map(θ)`` per call;
-    - ``plain CP-SAT script``: what a user writes without structgrad, per call: build
-      the CpModel, add the rows, maximise the integer-scaled objective (the same
-      scaling, so the same problem), solve with one worker, read the values;
-    - ``plain CP-SAT, model reused``: the same script keeping its model and only
-      replacing the objective: the floor for any wrapper.
-* assignment: a 30 × 30 assignment (12 × 12 with ``--quick``) (60 "exactly one" rows over 900 variables):
-  ``structgrad ilp`` (auto-routed to the linear sum assignment solver), ``structgrad
-  ilp method="cp-sat"`` and the plain CP-SAT script.
-* batch: 32 knapsack instances in one ``map`` call with ``num_threads=1`` and with
-  ``num_threads=2``: wall time, CPU time / wall time (≈ the number of busy cores),
-  and the serial / parallel ratio.
+* shortest path on a 5×5 grid (3×3 with ``--quick``) written as flow rows: 40 edge
+  variables (right and down edges), one equality row per node (+1 at the source,
+  −1 at the sink, 0 elsewhere); θ = −(edge length), lengths ~ U(0, 1).
+    - ``ilp`` (routed to min-cost flow) vs a plain min-cost-flow script (per call:
+      scale θ, fill ``SimpleMinCostFlow`` with vectorised calls, solve, read the
+      flows as a tensor); target: ratio ≥ 0.5 (one instance per call ≤ 2× its time);
+    - ``ilp`` vs a plain GLOP script (``pywraplp``, model built once, the objective
+      set per call, solved, values read) and ``ilp method="lp-first"`` vs the same;
+    - a batch of 32 in one ``map`` call vs 32 calls of the plain min-cost-flow
+      script; target: ratio ≥ 1/1.2 (≤ 1.2× its time per instance); the case names
+      CPU time ÷ wall time of the batch call (≈ the number of busy cores).
+* knapsack: n = 200, 20 rows with weights U{1..100}, capacity half of each row's
+  total: ``ilp`` (CP-SAT) vs a plain CP-SAT script building its model per call, and
+  vs one keeping its model and replacing the objective (the floor for any wrapper).
+* assignment 30×30 (12×12 with ``--quick``): ``ilp`` (routed to linear sum
+  assignment) vs a plain linear-sum-assignment script and a plain CP-SAT script;
+  ``ilp method="cp-sat"`` vs the plain CP-SAT script.
+* batch: 32 knapsack instances (8 with ``--quick``) in one ``map`` call with
+  ``num_threads=2`` vs the model-reusing CP-SAT script looping over them; the case
+  names CPU time ÷ wall time of our call.
 
-Before timing, the contenders are checked to reach the same objective value.
-Targets: structgrad / plain script ≤ 1.2 per call; the batch keeps 2 cores busy.
+Timings on a shared machine are noisy; the medians and interleaving only damp it.
 """
 
 from __future__ import annotations
@@ -32,168 +41,276 @@ import argparse
 import os
 import statistics
 import time
+from typing import Callable
 
 import numpy as np
 import torch
 
 import structgrad as sg
 
+BITS = 30
 
-def interleaved(fns: dict, thetas: list) -> dict:
-    """Median seconds per call of each function; round r calls each one on thetas[r], order rotated."""
+
+# ----------------------------------------------------------------------------- timing
+def interleaved(fns: dict[str, Callable], thetas: list) -> dict[str, float]:
+    """Median seconds per call of each function; round r calls each on thetas[r], order rotated."""
     names = list(fns)
-    for n in names:  # warm-up
-        fns[n](thetas[0])
-    times = {n: [] for n in names}
+    for name in names:  # warm-up
+        fns[name](thetas[0])
+    times: dict[str, list[float]] = {name: [] for name in names}
     for r, th in enumerate(thetas):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for n in order:
+        for name in names[r % len(names):] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            fns[n](th)
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(v) for n, v in times.items()}
+            fns[name](th)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
-def scaled_objective(theta: np.ndarray, bits: int = 30) -> list[int]:
-    """round(θ · 2^(bits − k)) with max|θ| = f·2^k, f ∈ [1/2, 1): the ilp solver's scaling."""
+def cpu_per_wall(fn: Callable, theta: torch.Tensor, repeats: int) -> float:
+    c0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(repeats):
+        fn(theta)
+    return (time.process_time() - c0) / (time.perf_counter() - t0)
+
+
+def row(benchmark: str, case: str, ours: float, peer: str, peer_s: float) -> dict:
+    return {"benchmark": benchmark, "case": case, "ours_ms": ours * 1e3, "peer": peer,
+            "peer_ms": peer_s * 1e3, "ratio": peer_s / ours}
+
+
+def scaled(theta: np.ndarray) -> np.ndarray:
+    """round(θ · 2^(BITS − k)) with max|θ| = f·2^k, f ∈ [1/2, 1): the ilp solver's scaling."""
     _, k = np.frexp(np.abs(theta).max())
-    return np.rint(np.ldexp(theta, bits - k)).astype(np.int64).tolist()
+    return np.rint(np.ldexp(theta, BITS - k)).astype(np.int64)
 
 
-def plain_cpsat(A, b, A_eq, b_eq):
+def check_same_value(fns: dict[str, Callable], theta: torch.Tensor) -> None:
+    th = theta.double().numpy()
+    vals = {k: (np.asarray(f(theta), dtype=np.float64).reshape(th.shape) * th).sum(-1) for k, f in fns.items()}
+    ref = next(iter(vals.values()))
+    if any(not np.allclose(v, ref, rtol=1e-6, atol=1e-9) for v in vals.values()):
+        raise SystemExit(f"contenders disagree: {vals}")
+
+
+# ----------------------------------------------------------------------------- peers
+def grid_flow(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Tails, heads of the right/down edges of a k×k grid, and the flow rows (A_eq, b_eq)."""
+    tails, heads = [], []
+    for r in range(k):
+        for c in range(k):
+            if c + 1 < k:
+                tails.append(r * k + c), heads.append(r * k + c + 1)
+            if r + 1 < k:
+                tails.append(r * k + c), heads.append((r + 1) * k + c)
+    t, h = np.array(tails, dtype=np.int32), np.array(heads, dtype=np.int32)
+    A_eq = np.zeros((k * k, len(t)), dtype=np.int64)
+    A_eq[t, np.arange(len(t))] = 1
+    A_eq[h, np.arange(len(t))] = -1
+    b_eq = np.zeros(k * k, dtype=np.int64)
+    b_eq[0], b_eq[-1] = 1, -1
+    return t, h, A_eq, b_eq
+
+
+def plain_min_cost_flow(tails, heads, supplies):
+    """A plain script: per call, scale θ, fill SimpleMinCostFlow (vectorised), solve, read z."""
+    from ortools.graph.python import min_cost_flow
+
+    caps = np.ones(len(tails), dtype=np.int64)
+    nodes = np.arange(len(supplies), dtype=np.int32)
+    arcs = np.arange(len(tails), dtype=np.int32)
+
+    def solve(theta: torch.Tensor) -> torch.Tensor:
+        f = min_cost_flow.SimpleMinCostFlow()
+        f.add_arcs_with_capacity_and_unit_cost(tails, heads, caps, -scaled(theta.numpy()))
+        f.set_nodes_supplies(nodes, supplies)
+        if f.solve() != f.OPTIMAL:
+            raise RuntimeError("plain min-cost flow: not optimal")
+        return torch.from_numpy(f.flows(arcs).astype(np.float64))
+
+    return solve
+
+
+def plain_glop(A_eq, b_eq):
+    """A plain GLOP script (pywraplp): the model built once; per call set the objective, solve, read."""
+    from ortools.linear_solver import pywraplp
+
+    s = pywraplp.Solver.CreateSolver("GLOP")
+    x = [s.NumVar(0.0, 1.0, f"x{j}") for j in range(A_eq.shape[1])]
+    for row_, rhs in zip(A_eq, b_eq):
+        ct = s.Constraint(float(rhs), float(rhs))
+        for j in np.flatnonzero(row_):
+            ct.SetCoefficient(x[j], float(row_[j]))
+    obj = s.Objective()
+    obj.SetMaximization()
+
+    def solve(theta: torch.Tensor) -> torch.Tensor:
+        for xj, cj in zip(x, scaled(theta.numpy()).tolist()):
+            obj.SetCoefficient(xj, cj)
+        if s.Solve() != s.OPTIMAL:
+            raise RuntimeError("plain GLOP: not optimal")
+        return torch.tensor([v.solution_value() for v in x]).round()
+
+    return solve
+
+
+def plain_cpsat(A, b):
     """A plain CP-SAT script: build the model, solve with one worker, read z (per call)."""
     from ortools.sat.python import cp_model
 
     def solve(theta: torch.Tensor) -> np.ndarray:
-        th = theta.detach().double().numpy()
         m = cp_model.CpModel()
-        x = [m.new_bool_var(f"x{i}") for i in range(len(th))]
-        for row, rhs in zip(A, b):
-            m.add(cp_model.LinearExpr.weighted_sum(x, row.tolist()) <= int(rhs))
-        for row, rhs in zip(A_eq, b_eq):
-            m.add(cp_model.LinearExpr.weighted_sum(x, row.tolist()) == int(rhs))
-        m.maximize(cp_model.LinearExpr.weighted_sum(x, scaled_objective(th)))
+        x = [m.new_bool_var(f"x{i}") for i in range(A.shape[1])]
+        for row_, rhs in zip(A, b):
+            m.add(cp_model.LinearExpr.weighted_sum(x, row_.tolist()) <= int(rhs))
+        m.maximize(cp_model.LinearExpr.weighted_sum(x, scaled(theta.double().numpy()).tolist()))
         s = cp_model.CpSolver()
         s.parameters.num_workers = 1
-        status = s.solve(m)
-        if status != cp_model.OPTIMAL:
-            raise RuntimeError(f"plain CP-SAT: {s.status_name(status)}")
+        if s.solve(m) != cp_model.OPTIMAL:
+            raise RuntimeError("plain CP-SAT: not optimal")
         return np.array([s.boolean_value(v) for v in x], dtype=np.float64)
 
     return solve
 
 
-def plain_cpsat_reused(A, b, A_eq, b_eq):
+def plain_cpsat_reused(A, b):
     """The plain script keeping its model and replacing only the objective."""
     from ortools.sat.python import cp_model
 
-    n = A.shape[1] if A is not None and len(A) else A_eq.shape[1]
     m = cp_model.CpModel()
-    x = [m.new_bool_var(f"x{i}") for i in range(n)]
-    for row, rhs in zip(A, b):
-        m.add(cp_model.LinearExpr.weighted_sum(x, row.tolist()) <= int(rhs))
-    for row, rhs in zip(A_eq, b_eq):
-        m.add(cp_model.LinearExpr.weighted_sum(x, row.tolist()) == int(rhs))
+    x = [m.new_bool_var(f"x{i}") for i in range(A.shape[1])]
+    for row_, rhs in zip(A, b):
+        m.add(cp_model.LinearExpr.weighted_sum(x, row_.tolist()) <= int(rhs))
     s = cp_model.CpSolver()
     s.parameters.num_workers = 1
 
     def solve(theta: torch.Tensor) -> np.ndarray:
-        m.maximize(cp_model.LinearExpr.weighted_sum(x, scaled_objective(theta.detach().double().numpy())))
-        s.solve(m)
-        return np.array(s.response_proto.solution, dtype=np.float64)
+        th = theta.double().numpy()
+        out = []
+        for t in th.reshape(-1, th.shape[-1]):
+            m.maximize(cp_model.LinearExpr.weighted_sum(x, scaled(t).tolist()))
+            s.solve(m)
+            out.append(np.array(s.response_proto.solution, dtype=np.float64))
+        return np.stack(out).reshape(th.shape)
 
     return solve
 
 
-def check_same_value(fns: dict, theta: torch.Tensor) -> None:
-    vals = {k: float(np.asarray(f(theta), dtype=np.float64) @ theta.double().numpy()) for k, f in fns.items()}
-    ref = next(iter(vals.values()))
-    tol = 1e-6 * max(1.0, abs(ref))
-    for k, v in vals.items():
-        if abs(v - ref) > tol:
-            raise SystemExit(f"contenders disagree: {vals}")
+def plain_assignment(k: int):
+    """A plain linear-sum-assignment script: per call, fill the k×k arcs, solve, read z."""
+    from ortools.graph.python import linear_sum_assignment
+
+    tails = np.repeat(np.arange(k), k).astype(np.int32)
+    heads = np.tile(np.arange(k), k).astype(np.int32)
+
+    def solve(theta: torch.Tensor) -> np.ndarray:
+        a = linear_sum_assignment.SimpleLinearSumAssignment()
+        a.add_arcs_with_cost(tails, heads, -scaled(theta.double().numpy()))
+        if a.solve() != a.OPTIMAL:
+            raise RuntimeError("plain assignment: not optimal")
+        z = np.zeros((k, k))
+        z[np.arange(k), [a.right_mate(i) for i in range(k)]] = 1
+        return z.ravel()
+
+    return solve
 
 
-def report(title: str, med: dict, ref: str) -> None:
-    print(f"\n{title}")
-    for k, v in med.items():
-        ratio = "" if k == ref else f"   {v / med[ref]:.3g}x of '{ref}'"
-        print(f"  {k:<34s} {v * 1e3:9.3f} ms{ratio}")
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run (a few rounds, a 12x12 assignment, a small batch)")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per contender (default 21; 3 with --quick)")
-    p.add_argument("--batch", type=int, default=None, help="batch size of the batch run (default 32; 4 with --quick)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 21)
-    batch = args.batch or (4 if args.quick else 32)
+# ----------------------------------------------------------------------------- benchmarks
+def run(quick: bool = False, rounds: int | None = None, batch: int | None = None, seed: int = 0) -> list[dict]:
+    """Run every comparison; returns rows {benchmark, case, ours_ms, peer, peer_ms, ratio}."""
     torch.set_num_threads(1)
-    rng = np.random.default_rng(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    print(f"ortools {__import__('ortools').__version__}, torch {torch.__version__}, cores available "
-          f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}, "
-          f"load average {os.getloadavg()[0]:.2f}, rounds {rounds}")
+    rounds = rounds or (5 if quick else 201)
+    batch = batch or (8 if quick else 32)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rows: list[dict] = []
+
+    # ---------------------------------------------------------------- shortest path on a grid
+    k = 3 if quick else 5
+    tails, heads, A_eq, b_eq = grid_flow(k)
+    n = A_eq.shape[1]
+    name = f"shortest path {k}x{k} grid (flow rows, n={n})"
+    ilp = sg.get_solver("ilp", A_eq=A_eq, b_eq=b_eq)
+    lp = sg.get_solver("ilp", A_eq=A_eq, b_eq=b_eq, method="lp-first")
+    mcf = plain_min_cost_flow(tails, heads, b_eq)
+    glop = plain_glop(A_eq, b_eq)
+    fns = {"ours": ilp.map, "lp": lp.map, "mcf": mcf, "glop": glop}
+    thetas = [-torch.rand(n, generator=gen, dtype=torch.float64) for _ in range(rounds)]
+    check_same_value(fns, thetas[0])
+    med = interleaved(fns, thetas)
+    rows.append(row(name, f"one instance per call ({ilp.method})", med["ours"], "plain min-cost-flow script", med["mcf"]))
+    rows.append(row(name, f"one instance per call ({ilp.method})", med["ours"], "plain GLOP script", med["glop"]))
+    rows.append(row(name, 'one instance per call (method="lp-first")', med["lp"], "plain GLOP script", med["glop"]))
+    brounds = max(3, rounds // 10)
+    thetas = [-torch.rand(batch, n, generator=gen, dtype=torch.float64) for _ in range(brounds)]
+    loop = lambda th: [mcf(t) for t in th]  # noqa: E731
+    check_same_value({"ours": ilp.map, "loop": lambda th: torch.stack(loop(th))}, thetas[0])
+    med = interleaved({"ours": ilp.map, "loop": loop}, thetas)
+    cw = cpu_per_wall(ilp.map, thetas[0], 3 if quick else 30)
+    rows.append(row(name, f"batch of {batch} in one call, per instance (cpu/wall {cw:.2f})", med["ours"] / batch,
+                    "plain min-cost-flow script, per instance", med["loop"] / batch))
 
     # ---------------------------------------------------------------- knapsack
     n, m = 200, 20
     A = rng.integers(1, 101, size=(m, n))
     b = A.sum(1) // 2
-    none = (np.zeros((0, n), dtype=np.int64), np.zeros(0, dtype=np.int64))
+    name = f"knapsack n={n}, m={m}"
     ilp = sg.get_solver("ilp", A=A, b=b)
-    fns = {
-        "structgrad ilp": lambda th: ilp.map(th).numpy(),
-        "plain CP-SAT script": plain_cpsat(A, b, *none),
-        "plain CP-SAT, model reused": plain_cpsat_reused(A, b, *none),
-    }
-    thetas = [torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(rounds)]
+    fns = {"ours": ilp.map, "plain": plain_cpsat(A, b), "reused": plain_cpsat_reused(A, b)}
+    krounds = max(3, rounds // 10)
+    thetas = [torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(krounds)]
     check_same_value(fns, thetas[0])
     med = interleaved(fns, thetas)
-    report(f"knapsack n={n}, m={m} (method {ilp.method}): time per call, median of {rounds}", med, "plain CP-SAT script")
+    rows.append(row(name, f"one instance per call ({ilp.method})", med["ours"], "plain CP-SAT script", med["plain"]))
+    rows.append(row(name, f"one instance per call ({ilp.method})", med["ours"], "plain CP-SAT, model reused", med["reused"]))
 
     # ---------------------------------------------------------------- assignment
-    k = 12 if args.quick else 30
-    rows = np.kron(np.eye(k, dtype=np.int64), np.ones((1, k), dtype=np.int64))
+    k = 12 if quick else 30
+    rws = np.kron(np.eye(k, dtype=np.int64), np.ones((1, k), dtype=np.int64))
     cols = np.kron(np.ones((1, k), dtype=np.int64), np.eye(k, dtype=np.int64))
-    A_eq = np.concatenate([rows, cols])
-    b_eq = np.ones(2 * k, dtype=np.int64)
-    noA = (np.zeros((0, k * k), dtype=np.int64), np.zeros(0, dtype=np.int64))
+    A_eq, b_eq = np.concatenate([rws, cols]), np.ones(2 * k, dtype=np.int64)
+    name = f"assignment {k}x{k}"
     auto = sg.get_solver("ilp", A_eq=A_eq, b_eq=b_eq)
     forced = sg.get_solver("ilp", A_eq=A_eq, b_eq=b_eq, method="cp-sat")
-    fns = {
-        f"structgrad ilp ({auto.method})": lambda th: auto.map(th).numpy(),
-        'structgrad ilp method="cp-sat"': lambda th: forced.map(th).numpy(),
-        "plain CP-SAT script": plain_cpsat(*noA, A_eq, b_eq),
-    }
-    thetas = [torch.randn(k * k, generator=gen, dtype=torch.float64) for _ in range(rounds)]
+    cpsat_eq = plain_cpsat(np.concatenate([A_eq, -A_eq]), np.concatenate([b_eq, -b_eq]))
+    fns = {"auto": auto.map, "forced": forced.map, "lsa": plain_assignment(k), "cpsat": cpsat_eq}
+    thetas = [torch.randn(k * k, generator=gen, dtype=torch.float64) for _ in range(krounds)]
     check_same_value(fns, thetas[0])
     med = interleaved(fns, thetas)
-    report(f"assignment {k}x{k}: time per call, median of {rounds}", med, "plain CP-SAT script")
+    rows.append(row(name, f"one instance per call ({auto.method})", med["auto"], "plain linear-sum-assignment script", med["lsa"]))
+    rows.append(row(name, f"one instance per call ({auto.method})", med["auto"], "plain CP-SAT script", med["cpsat"]))
+    rows.append(row(name, 'one instance per call (method="cp-sat")', med["forced"], "plain CP-SAT script", med["cpsat"]))
 
-    # ---------------------------------------------------------------- batch
-    serial = sg.get_solver("ilp", A=A, b=b, num_threads=1)
-    parallel = sg.get_solver("ilp", A=A, b=b, num_threads=2)
-    brounds = max(1, rounds // 4)
-    thetas = [torch.randn(batch, n, generator=gen, dtype=torch.float64) for _ in range(brounds)]
-    if not torch.equal(serial.map(thetas[0]), parallel.map(thetas[0])):
-        raise SystemExit("serial and parallel batch results differ")
-    wall = {"num_threads=1": [], "num_threads=2": []}
-    cpu = {"num_threads=1": [], "num_threads=2": []}
-    for r, th in enumerate(thetas):
-        pairs = [("num_threads=1", serial), ("num_threads=2", parallel)]
-        for name, s in pairs[r % 2:] + pairs[: r % 2]:
-            c0, t0 = time.process_time(), time.perf_counter()
-            s.map(th)
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    print(f"\nbatch of {batch} knapsack instances in one map call, median of {brounds}")
-    for name in wall:
-        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
-        print(f"  {name:<34s} wall {w * 1e3:9.1f} ms   cpu/wall {c / w:4.2f}")
-    ws, wp = statistics.median(wall["num_threads=1"]), statistics.median(wall["num_threads=2"])
-    print(f"  serial / parallel wall time: {ws / wp:.2f}x")
+    # ---------------------------------------------------------------- batch on threads
+    kb = 8 if quick else 32
+    par = sg.get_solver("ilp", A=A, b=b, num_threads=2)
+    reused = plain_cpsat_reused(A, b)
+    thetas = [torch.randn(kb, A.shape[1], generator=gen, dtype=torch.float64) for _ in range(max(3, rounds // 40))]
+    check_same_value({"ours": par.map, "reused": reused}, thetas[0])
+    med = interleaved({"ours": par.map, "reused": reused}, thetas)
+    cw = cpu_per_wall(par.map, thetas[0], 1 if quick else 3)
+    rows.append(row(f"knapsack n={A.shape[1]}, m={A.shape[0]}", f"batch of {kb}, num_threads=2 (cpu/wall {cw:.2f})",
+                    med["ours"], "plain CP-SAT, model reused, a loop", med["reused"]))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    out = ["| benchmark | case | ours (ms) | peer | peer (ms) | ratio (peer ÷ ours) |", "|---|---|---:|---|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['benchmark']} | {r['case']} | {r['ours_ms']:.3f} | {r['peer']} | {r['peer_ms']:.3f} | {r['ratio']:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run (a few rounds, small instances)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds of the one-instance rows (default 201; 5 with --quick)")
+    p.add_argument("--batch", type=int, default=None, help="batch size of the flow batch row (default 32; 8 with --quick)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"ortools {__import__('ortools').__version__}, torch {torch.__version__}, cores available {cores}, "
+          f"load average {os.getloadavg()[0]:.2f}\n")
+    print(markdown(run(args.quick, args.rounds, args.batch, args.seed)))
 
 
 if __name__ == "__main__":

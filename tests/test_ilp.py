@@ -1,4 +1,7 @@
-"""Tests of the ``ilp`` solver (OR-Tools CP-SAT and linear sum assignment)."""
+"""Tests of the ``ilp`` solver: conformance, scores, scaling, batches, errors, copying.
+
+The routes (assignment, min-cost flow, LP first) are tested in tests/test_ilp_routes.py,
+real-valued constraints in tests/test_ilp_real.py; both import the helpers below."""
 
 from __future__ import annotations
 
@@ -24,33 +27,75 @@ from structgrad.errors import (
 from structgrad.testing import Case, binary_structures, check_solver
 
 NEG, POS = float("-inf"), float("inf")
+SCORE_POLICY = r"theta: expected scores that are finite or -inf \(impossible\), got"
 
 
 # ----------------------------------------------------------------------------- helpers
+# (shared with tests/test_ilp_routes.py and tests/test_ilp_real.py, which import them)
+def all_binary(n):
+    """(2^n, n) int64: every z in {0,1}^n."""
+    return ((np.arange(2**n)[:, None] >> np.arange(n)) & 1).astype(np.int64)
+
+
+def feasible_matrix(n, A=None, b=None, A_eq=None, b_eq=None):
+    """(K, n) int64: the z in {0,1}^n with A z <= b and A_eq z = b_eq (integer rows, exact)."""
+    Z = all_binary(n)
+    ok = np.ones(len(Z), dtype=bool)
+    if A is not None and len(A):
+        ok &= (Z @ np.asarray(A, dtype=np.int64).T <= np.asarray(b, dtype=np.int64)).all(1)
+    if A_eq is not None and len(A_eq):
+        ok &= (Z @ np.asarray(A_eq, dtype=np.int64).T == np.asarray(b_eq, dtype=np.int64)).all(1)
+    return Z[ok]
+
+
 def feasible_set(n, A=None, b=None, A_eq=None, b_eq=None):
-    """All binary z of length n with A z <= b and A_eq z = b_eq (float64 rows)."""
+    """The feasible z as a list of float64 tensors (an enumerator for check_solver)."""
+    return list(torch.from_numpy(feasible_matrix(n, A, b, A_eq, b_eq).astype(np.float64)))
+
+
+def brute_values(theta, Zf):
+    """Best <z, theta> over the rows of Zf per instance of theta (B, n), -inf = forbidden; None if none."""
+    th = np.atleast_2d(np.asarray(theta, dtype=np.float64))
     out = []
-    for z in binary_structures(n):
-        zi = z.long().numpy()
-        if A is not None and not (np.asarray(A) @ zi <= np.asarray(b)).all():
-            continue
-        if A_eq is not None and not (np.asarray(A_eq) @ zi == np.asarray(b_eq)).all():
-            continue
-        out.append(z)
+    for t in th:
+        ok = ~((Zf == 1) & np.isneginf(t)).any(1)
+        vals = Zf[ok] @ np.where(np.isfinite(t), t, 0.0)
+        out.append(float(vals.max()) if len(vals) else None)
     return out
 
 
 def brute_value(theta, structs):
-    """max over structs of <z, theta> honouring -inf (forbidden) and +inf (forced); None if none."""
-    th = np.asarray(theta, dtype=np.float64)
-    best = None
-    for z in structs:
-        z = z.numpy()
-        if ((z == 1) & np.isneginf(th)).any() or ((z == 0) & np.isposinf(th)).any():
-            continue
-        v = float(np.where(np.isfinite(th), th, 0.0) @ z)
-        best = v if best is None else max(best, v)
-    return best
+    """max over structs (tensors) of <z, theta>, -inf forbidden; None if none."""
+    Zf = np.stack([z.numpy() for z in structs]).astype(np.int64) if len(structs) else np.zeros((0, len(theta)), np.int64)
+    return brute_values(np.asarray(theta)[None], Zf)[0]
+
+
+def tolerance(theta):
+    """The documented bound n * max|finite theta| * 2^-30 (+ float slack), per instance."""
+    th = np.atleast_2d(np.asarray(theta, dtype=np.float64))
+    fin = np.where(np.isfinite(th), th, 0.0)
+    return th.shape[1] * np.abs(fin).max(1) * 2.0**-30 + 1e-12
+
+
+def assert_optimal(solver, theta, Zf, A=None, b=None, A_eq=None, b_eq=None):
+    """solver.solve(theta) is feasible and optimal within the tolerance against the enumeration Zf."""
+    theta = torch.as_tensor(theta, dtype=torch.float64)
+    th = theta.reshape(-1, theta.shape[-1]).numpy()
+    best = brute_values(th, Zf)
+    if any(v is None for v in best):
+        with pytest.raises(InfeasibleError, match=r"no z in \{0,1\}\^\d+ satisfies the constraints"):
+            solver.map(theta)
+        return None
+    res = solver.solve(theta)
+    Z = res.z.reshape(-1, th.shape[1]).numpy().astype(np.int64)
+    tol = tolerance(th)
+    for i, z in enumerate(Z):
+        assert is_feasible(z, A, b, A_eq, b_eq), (i, z)
+        assert not ((z == 1) & np.isneginf(th[i])).any()
+        value = float(np.where(np.isfinite(th[i]), th[i], 0.0) @ z)
+        assert best[i] - tol[i] <= value <= best[i] + 1e-9, (i, value, best[i])
+    assert bool(res.optimal.all())
+    return res
 
 
 def assignment_rows(r, c):
@@ -74,6 +119,25 @@ def is_feasible(z, A, b, A_eq, b_eq):
     return ok
 
 
+def grid_flow(k):
+    """Flow rows of s-t paths on a k x k grid (right and down edges): (A_eq, b_eq), s = 0, t = k*k - 1."""
+    tails, heads = [], []
+    for r in range(k):
+        for c in range(k):
+            if c + 1 < k:
+                tails.append(r * k + c), heads.append(r * k + c + 1)
+            if r + 1 < k:
+                tails.append(r * k + c), heads.append((r + 1) * k + c)
+    A_eq = np.zeros((k * k, len(tails)), dtype=np.int64)
+    A_eq[tails, np.arange(len(tails))] = 1
+    A_eq[heads, np.arange(len(tails))] = -1
+    b_eq = np.zeros(k * k, dtype=np.int64)
+    b_eq[0], b_eq[-1] = 1, -1
+    return A_eq, b_eq
+
+
+GRID3 = grid_flow(3)
+WINDOWS = np.array([[1] * 3 + [0] * 4, [0] + [1] * 3 + [0] * 3, [0] * 2 + [1] * 3 + [0] * 2, [0] * 3 + [1] * 3 + [0]])  # sliding windows: not a flow
 KNAP_A = np.array([[3, 5, 2, 7, 4, 1, 6, 3], [2, 1, 4, 3, 5, 6, 2, 1]])
 KNAP_B = np.array([11, 9])
 ROWS3, COLS3 = assignment_rows(3, 3)
@@ -103,13 +167,6 @@ CONFORMANCE = [
         "assignment",
     ),
     (
-        "assignment_3x3_cpsat",
-        dict(A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6), method="cp-sat"),
-        feasible_set(9, A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6)),
-        _theta((2, 9), 3),
-        "cp-sat",
-    ),
-    (
         "assignment_2x3_rows_eq_cols_le",
         dict(A=COLS23, b=np.ones(3), A_eq=ROWS23, b_eq=np.ones(2)),
         feasible_set(6, COLS23, np.ones(3), ROWS23, np.ones(2)),
@@ -117,24 +174,38 @@ CONFORMANCE = [
         "assignment",
     ),
     (
-        "matching_3x3_le",
-        dict(A=np.concatenate([ROWS3, COLS3]), b=np.ones(6)),
-        feasible_set(9, np.concatenate([ROWS3, COLS3]), np.ones(6)),
-        _theta((3, 9), 5),
-        "assignment",
-    ),
-    (
         "cardinality_eq",
         dict(A=np.zeros((0, 7)), b=np.zeros(0), A_eq=np.ones((1, 7)), b_eq=[3]),
         feasible_set(7, A_eq=np.ones((1, 7)), b_eq=[3]),
         _theta((4, 7), 6),
-        "cp-sat",
+        "min-cost-flow",
     ),
     (
-        "cardinality_le_and_ge",
-        dict(A=np.array([[1] * 7, [-1] * 7]), b=[4, -2]),
-        feasible_set(7, np.array([[1] * 7, [-1] * 7]), [4, -2]),
-        _theta((3, 7), 7),
+        "shortest_path_3x3_grid",
+        dict(A_eq=GRID3[0], b_eq=GRID3[1]),
+        feasible_set(12, A_eq=GRID3[0], b_eq=GRID3[1]),
+        -_theta((3, 12), 7).abs(),
+        "min-cost-flow",
+    ),
+    (
+        "windows",
+        dict(A=WINDOWS, b=[2, 2, 2, 1]),
+        feasible_set(7, WINDOWS, [2, 2, 2, 1]),
+        _theta((3, 7), 8),
+        "lp-first",
+    ),
+    (
+        "knapsack_lp_first",  # the LP is fractional: every instance falls back to CP-SAT
+        dict(A=KNAP_A, b=KNAP_B, method="lp-first"),
+        feasible_set(8, KNAP_A, KNAP_B),
+        _theta((3, 8), 9),
+        "lp-first",
+    ),
+    (
+        "assignment_3x3_cpsat",
+        dict(A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6), method="cp-sat"),
+        feasible_set(9, A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6)),
+        _theta((2, 9), 3),
         "cp-sat",
     ),
 ]
@@ -153,10 +224,13 @@ def test_capabilities_and_listing():
     caps = sg.list_solvers()["ilp"]
     assert caps.map == "exact" and caps.marginals is None and caps.sample is None
     s = sg.get_solver("ilp", A=KNAP_A, b=KNAP_B)
+    assert s.capabilities == type(s).capabilities
     with pytest.raises(sg.CapabilityError, match="solvers that can"):
         s.marginals(_theta(8, 0))
-    assert sg.get_solver("ilp", A=KNAP_A, b=KNAP_B, time_limit=5.0).capabilities.map == "approximate"
-    assert sg.get_solver("ilp", A=KNAP_A, b=KNAP_B, deterministic_time_limit=5.0).capabilities.map == "approximate"
+    for limit in (dict(time_limit=5.0), dict(deterministic_time_limit=5.0)):
+        limited = sg.get_solver("ilp", A=KNAP_A, b=KNAP_B, **limit)
+        assert limited.capabilities == type(s).capabilities.replace(map="approximate")
+    assert type(s).capabilities.map == "exact"  # the class default is untouched
 
 
 # ----------------------------------------------------------------------------- random instances
@@ -169,111 +243,59 @@ def _instances(draw):
     b = np.array(draw(st.lists(st.integers(-2, 9), min_size=m, max_size=m)), dtype=np.int64)
     A_eq = np.array(draw(st.lists(st.lists(st.integers(0, 2), min_size=n, max_size=n), min_size=p, max_size=p)), dtype=np.int64).reshape(p, n)
     b_eq = np.array(draw(st.lists(st.integers(0, 4), min_size=p, max_size=p)), dtype=np.int64)
-    vals = st.one_of(st.floats(-10, 10, allow_nan=False, width=32), st.sampled_from([NEG, POS, 0.0]))
+    vals = st.one_of(st.floats(-10, 10, allow_nan=False, width=32), st.sampled_from([NEG, 0.0]))
     theta = draw(st.lists(st.lists(vals, min_size=n, max_size=n), min_size=1, max_size=3))
     return A, b, A_eq, b_eq, np.array(theta, dtype=np.float64)
 
 
 @settings(max_examples=40, deadline=None)
-@given(_instances())
-def test_random_instances_match_brute_force(inst):
+@given(_instances(), st.sampled_from(["auto", "cp-sat", "lp-first"]))
+def test_random_instances_match_brute_force(inst, method):
     A, b, A_eq, b_eq, theta = inst
     n = theta.shape[1]
-    solver = sg.get_solver("ilp", A=A, b=b, A_eq=A_eq, b_eq=b_eq, num_threads=1)
-    structs = feasible_set(n, A, b, A_eq, b_eq)
-    best = [brute_value(t, structs) for t in theta]
-    th = torch.tensor(theta)
-    if any(v is None for v in best):
-        with pytest.raises(InfeasibleError, match=r"no z in \{0,1\}\^\d+ satisfies the constraints"):
-            solver.map(th)
-        return
-    res = solver.solve(th)
-    finite = np.where(np.isfinite(theta), theta, 0)
-    tol = n * np.abs(finite).max(1) * 2.0**-30 + 1e-12
-    for i in range(len(theta)):
-        z = res.z[i].numpy()
-        assert is_feasible(z, A, b, A_eq, b_eq)
-        assert not ((z == 1) & np.isneginf(theta[i])).any() and not ((z == 0) & np.isposinf(theta[i])).any()
-        value = float(finite[i] @ z)  # the finite part; +inf entries are forced in every candidate
-        assert best[i] - tol[i] <= value <= best[i] + 1e-9
-        assert float(res.value[i]) == (value if not np.isposinf(theta[i]).any() else float("inf"))
-    assert bool(res.optimal.all())
+    solver = sg.get_solver("ilp", A=A, b=b, A_eq=A_eq, b_eq=b_eq, num_threads=1, method=method)
+    res = assert_optimal(solver, theta, feasible_matrix(n, A, b, A_eq, b_eq), A, b, A_eq, b_eq)
+    if res is not None:
+        fin = np.where(np.isfinite(theta), theta, 0.0)
+        assert np.allclose(res.value.numpy(), (res.z.numpy() * fin).sum(1))
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    r=st.integers(1, 3),
-    c=st.integers(1, 3),
-    row_eq=st.booleans(),
-    col_eq=st.booleans(),
-    seed=st.integers(0, 10_000),
-    forbid=st.floats(0.0, 0.6),
+# ----------------------------------------------------------------------------- scores, scaling, tolerance
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(A=np.zeros((0, 4)), b=np.zeros(0), A_eq=np.ones((1, 4)), b_eq=[2]),
+        dict(A=np.zeros((0, 4)), b=np.zeros(0), A_eq=np.ones((1, 4)), b_eq=[2], method="cp-sat"),
+        dict(A=np.zeros((0, 4)), b=np.zeros(0), A_eq=np.ones((1, 4)), b_eq=[2], method="lp-first"),
+    ],
+    ids=["min-cost-flow", "cp-sat", "lp-first"],
 )
-def test_assignment_routing_matches_cpsat_and_brute_force(r, c, row_eq, col_eq, seed, forbid):
-    rows, cols = assignment_rows(r, c)
-    ineq = [x for x, eq in ((rows, row_eq), (cols, col_eq)) if not eq]
-    eqs = [x for x, eq in ((rows, row_eq), (cols, col_eq)) if eq]
-    opts = {}
-    if ineq:
-        A = np.concatenate(ineq)
-        opts.update(A=A, b=np.ones(len(A)))
-    if eqs:
-        A_eq = np.concatenate(eqs)
-        opts.update(A_eq=A_eq, b_eq=np.ones(len(A_eq)))
-    g = torch.Generator().manual_seed(seed)
-    theta = torch.randn(2, r * c, generator=g, dtype=torch.float64)
-    theta = torch.where(torch.rand(2, r * c, generator=g) < forbid, torch.tensor(NEG, dtype=torch.float64), theta)
-    fast = sg.get_solver("ilp", **opts)
-    slow = sg.get_solver("ilp", method="cp-sat", **opts)
-    assert fast.method == "assignment" and slow.method == "cp-sat"
-    structs = feasible_set(r * c, opts.get("A"), opts.get("b"), opts.get("A_eq"), opts.get("b_eq"))
-    best = [brute_value(t, structs) for t in theta.numpy()]
-    if any(v is None for v in best):
-        for s in (fast, slow):
-            with pytest.raises(InfeasibleError):
-                s.map(theta)
-        return
-    a, b_ = fast.solve(theta), slow.solve(theta)
-    for i in range(2):
-        assert is_feasible(a.z[i].numpy(), opts.get("A"), opts.get("b"), opts.get("A_eq"), opts.get("b_eq"))
-        assert float(a.value[i]) == pytest.approx(best[i], abs=1e-7)
-        assert float(b_.value[i]) == pytest.approx(best[i], abs=1e-7)
-
-
-def test_routing_rule_negative_cases():
-    # coefficient 2, rhs 2, a variable in three rows, an odd cycle: all stay on CP-SAT
-    assert sg.get_solver("ilp", A=2 * ROWS3, b=2 * np.ones(3)).method == "cp-sat"
-    assert sg.get_solver("ilp", A=np.concatenate([ROWS3, COLS3]), b=2 * np.ones(6)).method == "cp-sat"
-    three = np.concatenate([ROWS3, COLS3, np.ones((1, 9), dtype=np.int64)])
-    assert sg.get_solver("ilp", A=three, b=np.ones(7)).method == "cp-sat"
-    triangle = np.array([[1, 1, 0], [0, 1, 1], [1, 0, 1]])  # rows = nodes of an odd cycle
-    assert sg.get_solver("ilp", A=triangle.T, b=np.ones(3)).method == "cp-sat"
-    with pytest.raises(DomainError, match="method: 'assignment' needs"):
-        sg.get_solver("ilp", A=KNAP_A, b=KNAP_B, method="assignment")
-    forced = sg.get_solver("ilp", A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6), method="assignment")
-    assert forced.method == "assignment"
-    # rule 4: with many objective bits the cost scaling could overflow -> CP-SAT
-    rows, cols = assignment_rows(30, 30)
-    big = dict(A_eq=np.concatenate([rows, cols]), b_eq=np.ones(60), objective_bits=52)
-    assert sg.get_solver("ilp", **big).method == "cp-sat"
-    with pytest.raises(DomainError, match="could overflow the assignment solver's cost scaling"):
-        sg.get_solver("ilp", method="assignment", **big)
-    assert sg.get_solver("ilp", **dict(big, objective_bits=30)).method == "assignment"
-
-
-# ----------------------------------------------------------------------------- infinities, scaling, tolerance
-def test_infinite_scores_fix_variables():
-    s = sg.get_solver("ilp", A=np.zeros((0, 4)), b=np.zeros(0), A_eq=np.ones((1, 4)), b_eq=[2])
-    z = s.map(torch.tensor([[POS, -1.0, -2.0, 5.0], [NEG, NEG, 0.1, 0.2]]))
+def test_neg_inf_fixes_to_zero_and_pos_inf_is_refused(opts):
+    s = sg.get_solver("ilp", **opts)
+    z = s.map(torch.tensor([[3.0, -1.0, -2.0, 5.0], [NEG, NEG, 0.1, 0.2]]))
     assert torch.equal(z, torch.tensor([[1.0, 0, 0, 1], [0, 0, 1, 1]]))
-    # +inf on an assignment problem falls back to CP-SAT and is still optimal
-    a = sg.get_solver("ilp", A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6))
-    th = _theta(9, 11)
-    th[1] = POS
-    z = a.map(th)
-    assert z[1] == 1 and z.sum() == 3
-    structs = feasible_set(9, A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6))
-    assert float(torch.where(torch.isinf(th), 0.0, th) @ z) == pytest.approx(brute_value(th.numpy(), structs))
+    # +inf used to mean "fix to 1"; it is now refused by the shared score policy, for every route
+    th = torch.tensor([[POS, -1.0, -2.0, 5.0]])
+    for call in (s.map, s.solve):
+        with pytest.raises(DomainError, match=SCORE_POLICY + r" 1 \+inf \(first at index \(0, 0\)\)"):
+            call(th)
+    with pytest.raises(DomainError, match=SCORE_POLICY + r" 1 NaN"):
+        s.solve(torch.tensor([0.0, float("nan"), 1.0, 1.0]))
+    # the shared hook itself, as any solver's
+    with pytest.raises(DomainError, match=SCORE_POLICY):
+        s.check_values(th)
+    # validate=False: not checked; NaN and +inf count as 0 and z is still feasible
+    fast = sg.get_solver("ilp", validate=False, **opts)
+    z = fast.map(torch.tensor([POS, float("nan"), -2.0, 5.0]))
+    assert z.sum() == 2 and z[3] == 1 and z[2] == 0
+
+
+def test_score_errors_come_before_infeasibility():
+    s = sg.get_solver("ilp", A=np.zeros((1, 3)), b=[-1])  # infeasible for every theta
+    with pytest.raises(DomainError, match=SCORE_POLICY):
+        s.map(torch.tensor([0.0, float("nan"), 0.0]))
+    with pytest.raises(InfeasibleError, match="all zeros"):
+        s.map(torch.tensor([0.0, NEG, 0.0]))
 
 
 def test_large_float32_scores_no_nan_and_optimal():
@@ -431,9 +453,12 @@ def test_wall_clock_time_limit():
     [
         dict(A=KNAP_A, b=KNAP_B, num_threads=2, deterministic_time_limit=30.0),
         dict(A_eq=np.concatenate([ROWS3, COLS3]), b_eq=np.ones(6)),
+        dict(A_eq=GRID3[0], b_eq=GRID3[1]),
+        dict(A=WINDOWS, b=[2, 2, 2, 1]),
+        dict(A=[[0.25, 0.5, 0.75]], b=[1.0]),
         dict(A=np.zeros((1, 3)), b=[-1]),  # an all-zero row that excludes 0
     ],
-    ids=["cp-sat", "assignment", "infeasible"],
+    ids=["cp-sat", "assignment", "min-cost-flow", "lp-first", "real-valued", "infeasible"],
 )
 def test_deepcopy_and_pickle(opts):
     s = sg.get_solver("ilp", **opts)
@@ -442,9 +467,9 @@ def test_deepcopy_and_pickle(opts):
     for c in copies:
         assert type(c) is type(s) and c is not s and repr(c) == repr(s)
         assert c.name == "ilp" and c.method == s.method and c.capabilities == s.capabilities
-        assert c._slot_lock is not s._slot_lock and c._base is not s._base
-        assert np.array_equal(c.A, s.A) and np.array_equal(c.b_eq, s.b_eq)
-        if s._empty_row_infeasible is None:
+        assert c._backend is not s._backend and c._cpsat._base is not s._cpsat._base
+        assert np.array_equal(c.A, s.A) and np.array_equal(c.b_eq, s.b_eq) and np.array_equal(c.row_scale, s.row_scale)
+        if s._infeasible is None:
             assert torch.equal(c.map(theta), s.map(theta))
             assert torch.equal(c.map(theta), c.map(theta))  # the copy's model pool is reused
         else:
@@ -452,7 +477,7 @@ def test_deepcopy_and_pickle(opts):
                 with pytest.raises(InfeasibleError, match="all zeros"):
                     solver.map(theta)
     again = pickle.loads(pickle.dumps(copies[0]))  # a copy of a copy
-    assert repr(again) == repr(s) and again._slot_lock is not copies[0]._slot_lock
+    assert repr(again) == repr(s) and again._cpsat._lock is not copies[0]._cpsat._lock
 
 
 # ----------------------------------------------------------------------------- bad arguments
@@ -465,14 +490,18 @@ BAD_OPTIONS = [
     (dict(b_eq=[1]), ShapeError, r"A_eq: expected it together with b_eq"),
     (dict(), ShapeError, r"got neither"),
     (dict(A=[[1, 2], [3]], b=[1, 1]), ShapeError, r"A: expected a rectangular array"),
-    (dict(A=[[0.5, 1.0]], b=[1]), DomainError, r"A: expected integer coefficients, got 0.5 at index \(0, 0\)"),
-    (dict(A=[[1.0, float("inf")]], b=[1]), DomainError, r"A: expected finite integer coefficients, got inf"),
-    (dict(A=[[1.0, float("nan")]], b=[1]), DomainError, r"A: expected finite integer coefficients, got nan"),
-    (dict(A=[[1, 1]], b=[1.5]), DomainError, r"b: expected integer coefficients, got 1.5"),
+    (dict(A=[[1.0, float("inf")]], b=[1]), DomainError, r"A: expected finite coefficients, got inf at index \(0, 1\)"),
+    (dict(A=[[1.0, float("nan")]], b=[1]), DomainError, r"A: expected finite coefficients, got nan"),
+    (dict(A=[[1, 1]], b=[float("-inf")]), DomainError, r"b: expected finite coefficients, got -inf"),
     (dict(A=[[2.0**63, 1.0]], b=[1]), DomainError, r"A: expected coefficients of magnitude < 2\^62"),
     (dict(A=[[2**61, 2**61, 2**61]], b=[1]), DomainError, r"A: row 0 has .* expected < 2\^62"),
-    (dict(A=[["a", "b"]], b=[1]), DTypeError, r"A: expected integer coefficients .* got dtype <U1"),
-    (dict(A=np.ones((1, 2), dtype=complex), b=[1]), DTypeError, r"A: expected integer coefficients .* complex128"),
+    (dict(A=[["a", "b"]], b=[1]), DTypeError, r"A: expected real coefficients .* got dtype <U1"),
+    (dict(A=np.ones((1, 2), dtype=complex), b=[1]), DTypeError, r"A: expected real coefficients .* complex128"),
+    (dict(A=torch.ones(1, 2, dtype=torch.complex64), b=[1]), DTypeError, r"A: expected real coefficients, got dtype torch.complex64"),
+    (dict(A=np.ones((1, 2), dtype=np.longdouble), b=[1]), DTypeError, r"A: expected float64 or narrower"),
+    (dict(A=[[1, 1]], b=[1], max_denominator=0), DomainError, r"max_denominator: expected an integer >= 1, got 0"),
+    (dict(A=[[1, 1]], b=[1], max_denominator=10.0), DTypeError, r"max_denominator: expected an integer, got float"),
+    (dict(A=KNAP_A, b=KNAP_B, method="min-cost-flow"), DomainError, r"method: 'min-cost-flow' needs rows with coefficients in"),
     (dict(A=KNAP_A, b=KNAP_B, time_limit=0), DomainError, r"time_limit: expected a value > 0.0, got 0.0"),
     (dict(A=KNAP_A, b=KNAP_B, time_limit=float("inf")), DomainError, r"time_limit: expected a finite number"),
     (dict(A=KNAP_A, b=KNAP_B, time_limit="1"), DTypeError, r"time_limit: expected a number of seconds or None, got str"),
@@ -486,7 +515,7 @@ BAD_OPTIONS = [
     (dict(A=KNAP_A, b=KNAP_B, objective_bits=0), DomainError, r"objective_bits: expected an integer >= 1, got 0"),
     (dict(A=KNAP_A, b=KNAP_B, objective_bits=30.0), DTypeError, r"objective_bits: expected an integer, got float"),
     (dict(A=KNAP_A, b=KNAP_B, objective_bits=60), DomainError, r"objective_bits: .*n = 8\), got 60"),
-    (dict(A=KNAP_A, b=KNAP_B, method="gurobi"), DomainError, r"method: expected one of .*'gurobi'"),
+    (dict(A=KNAP_A, b=KNAP_B, method="gurobi"), DomainError, r"method: expected one of 'auto', 'cp-sat', 'assignment', 'min-cost-flow', 'lp-first', got 'gurobi'"),
 ]
 
 
@@ -504,12 +533,37 @@ def test_bad_theta():
         s.map(torch.tensor(1.0))
     th = torch.zeros(2, 8)
     th[1, 3] = float("nan")
-    with pytest.raises(DomainError, match=r"theta: expected scores or ±inf, got NaN in instance \(1,\)"):
+    with pytest.raises(DomainError, match=SCORE_POLICY + r" 1 NaN \(first at index \(1, 3\)\)"):
         s.map(th)
     with pytest.raises(DTypeError, match="floating-point"):
         s.map(torch.zeros(8, dtype=torch.long))
-    with pytest.raises(ShapeError):
+    with pytest.raises(DTypeError, match="floating-point"):
+        s.solve(torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ShapeError, match=r"theta: expected shape \(\*batch, 8\)"):
         s.solve(torch.zeros(3))
+    with pytest.raises(sg.UnknownArgumentError, match="unexpected keyword argument"):
+        s.map(torch.zeros(8), lengths=3)
+
+
+@pytest.mark.parametrize("A,b,expect", [(np.zeros((2, 0)), [0, 3], "ok"), (np.zeros((1, 0)), [-1], "infeasible")])
+def test_zero_variables(A, b, expect):
+    """n = 0: the empty z is the only candidate; map returns shape (*b, 0), or InfeasibleError."""
+    s = sg.get_solver("ilp", A=A, b=b)
+    assert s.n == 0
+    for shape in [(0,), (3, 0), (2, 4, 0), (0, 0)]:
+        theta = torch.zeros(shape, dtype=torch.float32)
+        if expect == "ok" or np.prod(shape[:-1]) == 0:  # no instance: nothing to be infeasible
+            z = s.map(theta)
+            assert z.shape == shape and z.dtype == torch.float32
+            res = s.solve(theta)
+            assert res.value.shape == shape[:-1] and bool(res.optimal.all())
+        else:
+            with pytest.raises(InfeasibleError, match=r"A row 0 is all zeros but its right-hand side -1 excludes 0"):
+                s.map(theta)
+    eq = sg.get_solver("ilp", A_eq=np.zeros((1, 0)), b_eq=[0])
+    assert eq.map(torch.zeros(5, 0)).shape == (5, 0)
+    with pytest.raises(ShapeError, match=r"theta: expected shape \(\*batch, 0\)"):
+        s.map(torch.zeros(3))
 
 
 def test_inputs_are_copied_not_aliased():
