@@ -19,9 +19,11 @@ minus the gold transition counts, for start/end the first/last-tag marginals min
 gold first/last tag.
 
 Constraints: forbidden transitions and first/last tags score exactly ``-inf``;
-decoding (Viterbi and max-marginal) never returns a forbidden sequence.  Constrained
-transitions take the chain solver's float64 log-space path (its probability-space path
-needs finite transitions), which costs about 2–3× the unconstrained time.
+decoding (Viterbi and max-marginal) never returns a forbidden sequence.  A ``-inf``
+transition sends the chain solver to its float64 log-space path (its probability-space
+path needs finite transitions): measured on a CPU at (B, T, C) = (32, 128, 17), the
+loss's forward+backward then takes about 9× the unconstrained time (about pytorch-crf's
+time), while Viterbi decoding costs the same.
 
 Infeasible instances (the constraints, or ``-inf`` emissions, forbid every sequence of
 that instance's length): ``log_partition`` is ``-inf``, ``marginals`` are 0, ``decode``
