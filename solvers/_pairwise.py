@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from structgrad import checks as V
 from structgrad.errors import CapabilityError
 from structgrad.logspace import gumbel_argmax
 
@@ -106,7 +105,9 @@ def normalized_exp(x: torch.Tensor, ndim: int = 1, *, inplace: bool = False) -> 
     marginals exact for huge finite scores (the rounding error of a sum of scores of
     1e30 is ~1e14).  ``inplace``: overwrite ``x`` (a temporary of the caller's)."""
     dims = tuple(range(-ndim, 0))
-    m = V.finite_or_zero(x.amax(dim=dims, keepdim=True))
+    # a block of all −inf has max −inf: floor it at the lowest finite float, so that the
+    # block stays −inf (exp 0) with no −inf − (−inf)
+    m = x.amax(dim=dims, keepdim=True).clamp_(min=torch.finfo(x.dtype).min)
     e = x.sub_(m).exp_() if inplace else (x - m).exp_()
     return e.div_(e.sum(dim=dims, keepdim=True).clamp_(min=1.0))
 

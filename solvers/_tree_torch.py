@@ -95,7 +95,7 @@ class Problem:
         C, E = self.C, dp.E
         # index_select copies, so the in-place centring below never touches the caller's θ
         node = node.reshape(self.B, self.N, C).index_select(1, dp.order).to(_CDTYPE)
-        nmax = V.finite_or_zero(node.amax(-1, keepdim=True))
+        nmax = V.finite_or_zero(node.amax(-1, keepdim=True))  # a row of −inf: shift 0
         self.node = node.sub_(nmax)
         to_or, _ = dp.flat_index(C)
         flat = edge.reshape(1 if self.shared else self.B, E * C * C)
@@ -114,10 +114,24 @@ class Problem:
 
 
 # ----------------------------------------------------------------------------- passes
+_FMIN = torch.finfo(_CDTYPE).min
+
+
+def _floor_(x: torch.Tensor) -> torch.Tensor:
+    """In place: −inf (the maximum of an all-impossible row) becomes the lowest finite
+    float, so that subtracting it leaves −inf entries −inf and never makes NaN (one op,
+    cheaper than a finite-or-zero mask on these small per-level tensors)."""
+    return x.clamp_(min=_FMIN)
+
+
 def upward(p: Problem, max_product: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Leaves-to-roots pass: ``h`` (B, N, C) (node scores plus the children's messages,
     by position), messages ``m`` (B, N−R, C) (normalised: max 0, or all −inf), and
-    ``A`` (B,) (sum-product) or the best score (max-product; ``−inf`` if infeasible)."""
+    ``A`` (B,) (sum-product) or the best score (max-product; ``−inf`` if infeasible).
+
+    A message whose every entry is −inf makes its parent's ``h`` all −inf, and so on up
+    to the root: the instance is infeasible and A = −inf (the finite floor that
+    :func:`_floor_` puts in its normaliser only adds a finite amount to −inf)."""
     dp = p.dp
     R = dp.R
     h = p.node.clone()
@@ -128,7 +142,7 @@ def upward(p: Problem, max_product: bool = False) -> tuple[torch.Tensor, torch.T
         s, e, lpar = dp.levels[lvl]
         x = p.edge_level(s, e) + h[:, s:e].unsqueeze(-2)  # (B, n, C_parent, C_child)
         mv = x.amax(-1) if max_product else torch.logsumexp(x, dim=-1)
-        c = V.finite_or_zero(mv.amax(-1, keepdim=True))
+        c = _floor_(mv.amax(-1, keepdim=True))
         mv.sub_(c)
         m[:, s - R : e - R] = mv
         cst[:, s - R : e - R] = c.squeeze(-1)
@@ -138,31 +152,30 @@ def upward(p: Problem, max_product: bool = False) -> tuple[torch.Tensor, torch.T
     return h, m, root.sum(-1) + cst.sum(-1) + p.const
 
 
-def _exclude(out_parent: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """h_p + d_p − m_v, and −inf where m_v = −inf (never −inf − (−inf))."""
-    return torch.where(torch.isneginf(m), m, out_parent - m)
-
-
 def downward_marginals(
     p: Problem, h: torch.Tensor, m: torch.Tensor, logz: torch.Tensor, weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Roots-to-leaves pass and the marginals: node (B, N, C) and edge (B, E, C, C) in
     node-id and graph-edge order (float64).  Infeasible instances (``logz = −inf``) get 0.
     With ``weight`` (B,) and a shared edge, the edge marginals come back summed over the
-    batch with those weights, (E, C, C) (the backward of a shared edge)."""
+    batch with those weights, (E, C, C) (the backward of a shared edge).  Reads ``h`` and
+    ``m`` without changing them.
+
+    ``belief`` = h + d is built in place level by level; "h_p + d_p − m_v" is computed
+    as belief_p + (−m_v) with −m_v set to −inf where m_v = −inf, so the term is −inf
+    there and no −inf − (−inf) ever appears (belief is never +inf)."""
     dp = p.dp
     R, C = dp.R, p.C
-    d = torch.zeros_like(h)
+    neg_m = torch.where(torch.isneginf(m), m, -m)
+    belief = h.clone()
     offs = dp.offsets
     for lvl, (s, e, lpar) in enumerate(dp.levels):
-        out = h[:, offs[lvl] : offs[lvl + 1]] + d[:, offs[lvl] : offs[lvl + 1]]
-        x = _exclude(out.index_select(1, lpar), m[:, s - R : e - R])  # (B, n, C_parent)
+        x = belief[:, offs[lvl] : offs[lvl + 1]].index_select(1, lpar).add_(neg_m[:, s - R : e - R])  # (B, n, C_parent)
         dv = torch.logsumexp(p.edge_level(s, e) + x.unsqueeze(-1), dim=-2)  # (B, n, C_child)
-        d[:, s:e] = dv.sub_(V.finite_or_zero(dv.amax(-1, keepdim=True)))
-    belief = h + d
+        belief[:, s:e] += dv.sub_(_floor_(dv.amax(-1, keepdim=True)))
     feasible = torch.isfinite(logz).to(_CDTYPE)
     # edge blocks: (h_p + d_p − m_v)[a] + E_v[a, b] + h_v[b]
-    x = _exclude(belief.index_select(1, dp.parent), m)
+    x = belief.index_select(1, dp.parent).add_(neg_m)
     blk = normalized_exp((x.unsqueeze(-1) + p.edge).add_(h[:, R:].unsqueeze(-2)), 2, inplace=True)
     mu = normalized_exp(belief, 1, inplace=True).mul_(feasible[:, None, None]).index_select(1, dp.position)
     w = feasible if weight is None else feasible * weight
