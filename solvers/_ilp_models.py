@@ -13,7 +13,9 @@ objective (maximised), ``neg (n,)`` bool the variables whose score is −inf (fi
   bindings have no way to change a cost in place) and reads the result back.  These
   bindings hold the GIL while they solve, so a batch runs on one thread (threads
   would add overhead and no speed).  They fall back to CP-SAT for an instance whose
-  costs the solver reports could overflow its cost scaling.
+  costs the solver reports could overflow its cost scaling, and the assignment route
+  also for one it reports infeasible (its infeasibility check is a heuristic that
+  errs on some sparse graphs).
 * :class:`LpFirst`: the LP relaxation max cᵀx, G x ≤ h, E x = e, lo ≤ x ≤ hi (bound
   rows as variable bounds) in GLOP through ``pywraplp``, one model per thread (GLOP
   releases the GIL), solved from scratch each call (no warm start, so the result does
@@ -248,10 +250,12 @@ class Assignment:
         if lsa.num_nodes() != plan.num_left:
             return zero, INFEASIBLE  # a left node lost all its arcs
         st = lsa.solve()
-        if st == lsa.INFEASIBLE:
-            return zero, INFEASIBLE
         if st != lsa.OPTIMAL:
-            return self.fallback.solve(c, neg)  # possible overflow
+            # POSSIBLE_OVERFLOW, or INFEASIBLE, which this solver's heuristic infeasibility
+            # check also reports for some feasible sparse graphs (OR-Tools 9.15 logs
+            # "Infeasibility detection triggered after first iteration found a feasible
+            # assignment!"): CP-SAT decides.
+            return self.fallback.solve(c, neg)
         mate = np.fromiter((lsa.right_mate(i) for i in range(plan.num_left)), dtype=np.int64, count=plan.num_left)
         return ((mate[plan.tails] == plan.heads) & keep).astype(np.int64), OPTIMAL
 
