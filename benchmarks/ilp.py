@@ -22,8 +22,8 @@ objective value.  The peers use the same integer scaling of θ as the solver
     - a batch of 32 in one ``map`` call vs 32 calls of the plain min-cost-flow
       script; target: ratio ≥ 1/1.2 (≤ 1.2× its time per instance); the case names
       CPU time ÷ wall time of the batch call (≈ the number of busy cores).
-* knapsack: n = 200, 20 rows with weights U{1..100}, capacity half of each row's
-  total: ``ilp`` (CP-SAT) vs a plain CP-SAT script building its model per call, and
+* knapsack: n = 200, 20 rows (40 and 6 with ``--quick``) with weights U{1..100},
+  capacity half of each row's total: ``ilp`` (CP-SAT) vs a plain CP-SAT script building its model per call, and
   vs one keeping its model and replacing the objective (the floor for any wrapper).
 * assignment 30×30 (12×12 with ``--quick``): ``ilp`` (routed to linear sum
   assignment) vs a plain linear-sum-assignment script and a plain CP-SAT script;
@@ -250,7 +250,7 @@ def run(quick: bool = False, rounds: int | None = None, batch: int | None = None
                     "plain min-cost-flow script, per instance", med["loop"] / batch))
 
     # ---------------------------------------------------------------- knapsack
-    n, m = 200, 20
+    n, m = (40, 6) if quick else (200, 20)
     A = rng.integers(1, 101, size=(m, n))
     b = A.sum(1) // 2
     name = f"knapsack n={n}, m={m}"

@@ -96,42 +96,58 @@ class ConstraintSystem:
                 return f"{self.row_name(int(r))} is all zeros but its right-hand side {int(rhs[r])} excludes 0"
         return None
 
-    def feasible(self, Z: np.ndarray) -> np.ndarray:
-        """``(B,)`` bool: rows of ``Z (B, n)`` (int64) in {0,1}^n satisfying the system, exactly."""
-        ok = ((Z == 0) | (Z == 1)).all(1)
-        if self._float_exact:  # every |A z| and |b| < 2^53: float64 BLAS is exact and faster than int64
-            Zf = Z.astype(np.float64)
-            ok &= (Zf @ self._Af.T <= self._bf).all(1)
-            ok &= (Zf @ self._Aeqf.T == self._beqf).all(1)
+    def row_values(self, Z: np.ndarray) -> np.ndarray:
+        """``(B, m + p)``: (A z, A_eq z) for each row z of ``Z (B, n)`` with entries in {0, 1},
+        exactly: from the nonzeros (O(B·nnz)), in float64 when every partial sum is an
+        integer below 2^53, else in int64."""
+        B, R = Z.shape[0], len(self.b) + len(self.b_eq)
+        if not self._nz_val.size:
+            return np.zeros((B, R), dtype=np.int64)
+        picked = Z[:, self._nz_col]  # (B, nnz)
+        bins = (self._nz_row + R * np.arange(B)[:, None]).ravel()
+        size = B * R
+        if self._sums_exact:
+            r = np.bincount(bins, weights=(picked * self._nz_valf).ravel(), minlength=size)
         else:
-            ok &= (Z @ self.A.T <= self.b).all(1)
-            ok &= (Z @ self.A_eq.T == self.b_eq).all(1)
-        return ok
+            r = np.zeros(size, dtype=np.int64)
+            np.add.at(r, bins, (picked * self._nz_val).ravel())
+        return r.reshape(B, R)
+
+    def feasible(self, Z: np.ndarray) -> np.ndarray:
+        """``(B,)`` bool: rows of ``Z (B, n)`` in {0,1}^n satisfying the system, exactly."""
+        ok = ((Z == 0) | (Z == 1)).all(1)
+        r = self.row_values(np.where(ok[:, None], Z, 0))
+        m = len(self.b)
+        return ok & (r[:, :m] <= self.b).all(1) & (r[:, m:] == self.b_eq).all(1)
 
     def first_infeasible(self, Z: np.ndarray) -> int:
         """The first row of ``Z (B, n)`` that :meth:`feasible` rejects, or −1.  Few array
-        operations when all pass (this runs on every call): int64 products for small
-        batches, float64 BLAS (exact here) for large ones."""
-        ok = not np.count_nonzero(Z.view(np.uint64) > 1)  # negative entries wrap to huge
-        if ok and Z.size * max(len(self.b), len(self.b_eq)) > 1 << 16 and self._float_exact:
-            ok = bool(self.feasible(Z).all())
+        operations when all pass (this runs on every call): z ≥ 2 or z < 0 shows in
+        ``z >> 1``; then, for small systems, every row (equalities as two inequalities)
+        in one int64 product with a dense copy (no overflow: z is in {0, 1} by then),
+        for large ones :meth:`row_values` from the nonzeros."""
+        ok = not np.count_nonzero(Z >> 1)
+        if ok and self._W is not None:
+            ok = not np.count_nonzero(Z @ self._W > self._w)
         elif ok:
-            ok = (not self.b.size or not np.count_nonzero(Z @ self._AT > self.b)) and (
-                not self.b_eq.size or not np.count_nonzero(Z @ self._AeqT - self.b_eq)
-            )
+            r = self.row_values(Z)
+            m = len(self.b)
+            ok = not np.count_nonzero(r[:, :m] > self.b) and not np.count_nonzero(r[:, m:] != self.b_eq)
         return -1 if ok else int(np.flatnonzero(~self.feasible(Z))[0])
 
     def __post_init__(self) -> None:
-        rows, rhs = self.rows, self.rhs
-        small = rows.size == 0 or (
-            np.abs(rows).astype(np.float64).sum(1).max() < 2**53 and np.abs(rhs).max() < 2**53
-        )
-        object.__setattr__(self, "_float_exact", bool(small))
-        object.__setattr__(self, "_AT", np.ascontiguousarray(self.A.T))
-        object.__setattr__(self, "_AeqT", np.ascontiguousarray(self.A_eq.T))
-        if small:
-            for k, v in (("_Af", self.A), ("_bf", self.b), ("_Aeqf", self.A_eq), ("_beqf", self.b_eq)):
-                object.__setattr__(self, k, v.astype(np.float64))
+        rows = self.rows
+        nz_row, nz_col = np.nonzero(rows)
+        val = rows[nz_row, nz_col]
+        for k, v in (("_nz_row", nz_row), ("_nz_col", nz_col), ("_nz_val", val), ("_nz_valf", val.astype(np.float64))):
+            object.__setattr__(self, k, v)
+        exact = rows.size == 0 or np.abs(rows).astype(np.float64).sum(1).max() < 2**53
+        object.__setattr__(self, "_sums_exact", bool(exact))
+        # small systems: rows as one dense "≤" system A z ≤ b, A_eq z ≤ b_eq, −A_eq z ≤ −b_eq
+        small = self.n * (len(self.b) + 2 * len(self.b_eq)) <= 1 << 14
+        W = np.ascontiguousarray(np.concatenate([self.A, self.A_eq, -self.A_eq]).T) if small else None
+        object.__setattr__(self, "_W", W)
+        object.__setattr__(self, "_w", np.concatenate([self.b, self.b_eq, -self.b_eq]))
 
 
 # ----------------------------------------------------------------------------- reading

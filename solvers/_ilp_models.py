@@ -233,22 +233,28 @@ class Assignment:
         self.plan = plan
         self.fallback = fallback
         self.n = len(plan.tails)
+        self._tails = np.concatenate([plan.tails, plan.mirror_tails, plan.slack_tails])  # every arc, no -inf
+        self._heads = np.concatenate([plan.heads, plan.mirror_heads, plan.slack_heads])
 
     def solve(self, c: np.ndarray, neg: np.ndarray | None) -> tuple[np.ndarray, int]:
-        plan = self.plan
-        zero = np.zeros(self.n, dtype=np.int64)
+        plan, n = self.plan, self.n
         if plan.infeasible is not None:
-            return zero, INFEASIBLE
-        keep = ~neg if neg is not None else np.ones(self.n, dtype=bool)
-        mirror = plan.mirror_tails.size > 0
-        tails = [plan.tails[keep], plan.mirror_tails[keep] if mirror else plan.mirror_tails, plan.slack_tails]
-        heads = [plan.heads[keep], plan.mirror_heads[keep] if mirror else plan.mirror_heads, plan.slack_heads]
-        costs = np.zeros(sum(len(t) for t in tails), dtype=np.int64)
-        costs[: int(keep.sum())] = -c[keep]
+            return np.zeros(n, dtype=np.int64), INFEASIBLE
+        if neg is None:
+            tails, heads, keep = self._tails, self._heads, None
+            costs = np.zeros(len(tails), dtype=np.int64)
+            np.negative(c, out=costs[:n])
+        else:
+            keep = ~neg
+            mirror = plan.mirror_tails.size > 0
+            tails = np.concatenate([plan.tails[keep], plan.mirror_tails[keep] if mirror else plan.mirror_tails, plan.slack_tails])
+            heads = np.concatenate([plan.heads[keep], plan.mirror_heads[keep] if mirror else plan.mirror_heads, plan.slack_heads])
+            costs = np.zeros(len(tails), dtype=np.int64)
+            costs[: int(keep.sum())] = -c[keep]
         lsa = self._lsa.SimpleLinearSumAssignment()
-        lsa.add_arcs_with_cost(np.concatenate(tails), np.concatenate(heads), costs)
+        lsa.add_arcs_with_cost(tails, heads, costs)
         if lsa.num_nodes() != plan.num_left:
-            return zero, INFEASIBLE  # a left node lost all its arcs
+            return np.zeros(n, dtype=np.int64), INFEASIBLE  # a left node lost all its arcs
         st = lsa.solve()
         if st != lsa.OPTIMAL:
             # POSSIBLE_OVERFLOW, or INFEASIBLE, which this solver's heuristic infeasibility
@@ -256,8 +262,11 @@ class Assignment:
             # "Infeasibility detection triggered after first iteration found a feasible
             # assignment!"): CP-SAT decides.
             return self.fallback.solve(c, neg)
-        mate = np.fromiter((lsa.right_mate(i) for i in range(plan.num_left)), dtype=np.int64, count=plan.num_left)
-        return ((mate[plan.tails] == plan.heads) & keep).astype(np.int64), OPTIMAL
+        mate = np.array([lsa.right_mate(i) for i in range(plan.num_left)], dtype=np.int64)
+        z = (mate[plan.tails] == plan.heads).view(np.int8).astype(np.int64)
+        if keep is not None:
+            z &= keep
+        return z, OPTIMAL
 
 
 # ----------------------------------------------------------------------------- min-cost flow
@@ -320,23 +329,23 @@ class LpFirst:
     releases_gil = True
 
     def __init__(self, system: ConstraintSystem, bounds: Bounds, fallback: CpSat):
-        from ortools.linear_solver import pywraplp
+        from ortools.linear_solver import linear_solver_pb2, pywraplp
 
-        self._lp = pywraplp
+        self._lp, self._pb = pywraplp, linear_solver_pb2
         self.system = system
         self.bounds = bounds
         self.fallback = fallback
         self.n = system.n
         keep = np.flatnonzero(~bounds.rows & system.rows.any(1))
-        self._M = system.rows[keep].astype(np.float64)  # (k, n) exact: |entries| < 2^53 checked below
-        self._r = system.rhs[keep].astype(np.float64)
+        rows, rhs = system.rows[keep], system.rhs[keep]
+        self._exact = bool((np.abs(rows) < 2**53).all() and (np.abs(rhs) < 2**53).all())  # float64 holds them
+        self._M = rows.astype(np.float64)  # (k, n), the structural rows; bound rows are variable bounds
+        self._MT = np.ascontiguousarray(self._M.T)
+        self._r = rhs.astype(np.float64)
         self._ineq = ~system.is_eq[keep]
-        self._absM = np.abs(self._M)
-        self._absr = np.abs(self._r)
-        self._exact = bool(
-            (np.abs(system.rows[keep]) < 2**53).all() and (np.abs(system.rhs[keep]) < 2**53).all()
-        )
-        self._keep = keep
+        self._any_ineq = bool(self._ineq.any())
+        self._size_rows = np.abs(self._M).sum(1) + np.abs(self._r)  # Σ_j |M_ij| + |r_i|
+        self._free = bool((bounds.lo == 0).all() and (bounds.hi == 1).all())  # no bound rows bite
         self._slots: queue.SimpleQueue = queue.SimpleQueue()
         self._params = pywraplp.MPSolverParameters()
         self._params.SetIntegerParam(self._params.INCREMENTALITY, self._params.INCREMENTALITY_OFF)
@@ -357,7 +366,7 @@ class LpFirst:
             cts.append(ct)
         obj = s.Objective()
         obj.SetMaximization()
-        return _LpSlot(s, x, cts, obj, np.maximum(lo, hi).astype(np.int64))
+        return _LpSlot(s, x, cts, obj, self.bounds.hi)
 
     def _acquire(self) -> _LpSlot:
         try:
@@ -366,40 +375,55 @@ class LpFirst:
             return self._new_slot()
 
     def solve(self, c: np.ndarray, neg: np.ndarray | None) -> tuple[np.ndarray, int]:
-        lo = self.bounds.lo
-        hi = self.bounds.hi if neg is None else np.where(neg, 0, self.bounds.hi)
-        if self.bounds.infeasible is not None or (lo > hi).any() or not self._exact:
+        lo, hi = self.bounds.lo, self.bounds.hi
+        if neg is not None:
+            hi = np.where(neg, 0, hi)
+            if (lo > hi).any():  # a variable fixed to 1 by a bound row has score -inf
+                return self.fallback.solve(c, neg)
+        if self.bounds.infeasible is not None or not self._exact:
             return self.fallback.solve(c, neg)
         slot = self._acquire()
         try:
-            z, y = self._lp_solve(slot, c, hi)
+            z, y = self._lp_solve(slot, c, hi, neg is None and self._free)
         finally:
             self._slots.put(slot)
-        if z is not None and self._certified(c, z, y, lo, hi):
+        if z is not None and self._certified(c, z, y, lo, hi, neg is None and self._free):
             return z, OPTIMAL
         return self.fallback.solve(c, neg)
 
-    def _lp_solve(self, slot: _LpSlot, c: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    def _lp_solve(self, slot: _LpSlot, c: np.ndarray, hi: np.ndarray, free: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        """Solve the LP from scratch; the rounded solution if it is feasible, and the duals."""
         for xj, cj in zip(slot.x, c.tolist()):
             slot.obj.SetCoefficient(xj, cj)
-        for j in np.flatnonzero(hi != slot.hi):
-            slot.x[j].SetUb(float(hi[j]))
-        slot.hi = hi
+        if hi is not slot.hi:
+            for j in np.flatnonzero(hi != slot.hi):
+                slot.x[j].SetUb(float(hi[j]))
+            slot.hi = hi
         if slot.solver.Solve(self._params) != self._lp.Solver.OPTIMAL:
             return None, np.zeros(0)
-        x = np.fromiter((v.solution_value() for v in slot.x), dtype=np.float64, count=self.n)
-        y = np.fromiter((ct.dual_value() for ct in slot.cts), dtype=np.float64, count=len(slot.cts))
-        z = np.rint(x).astype(np.int64)
-        if not self.system.feasible(z[None])[0] or (z > hi).any() or (z < self.bounds.lo).any():
+        resp = self._pb.MPSolutionResponse()
+        slot.solver.FillSolutionResponseProto(resp)
+        y = np.array(resp.dual_value, dtype=np.float64)
+        z = np.rint(np.array(resp.variable_value, dtype=np.float64)).astype(np.int64)
+        if self.system.first_infeasible(z[None]) >= 0:
+            return None, y
+        if not free and np.count_nonzero(np.clip(z, self.bounds.lo, hi) != z):
             return None, y
         return z, y
 
-    def _certified(self, c: np.ndarray, z: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> bool:
-        """cᵀz > U(λ) + ε − 1 (module docstring): z is optimal for the integer objective c."""
-        lam = np.where(self._ineq, np.maximum(y, 0.0), y)
+    def _certified(self, c: np.ndarray, z: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, free: bool = False) -> bool:
+        """cᵀz > U(λ) + ε − 1 (module docstring): z is optimal for the integer objective c.
+
+        ε bounds the float64 rounding of U: every quantity is a sum of at most
+        k + n + 2 products, so |error| ≤ 2(k + n + 4)·u·S with S the sum of the
+        magnitudes, S ≤ Σ|c_j| + Σ_i |λ_i|(Σ_j |M_ij| + |r_i|); a factor 2 of margin."""
+        if len(y) != len(self._r):
+            return False
+        lam = np.where(self._ineq, np.maximum(y, 0.0), y) if self._any_ineq else y
         cf = c.astype(np.float64)
-        d = cf - self._M.T @ lam
-        U = float(lam @ self._r) + float(np.where(d > 0, d * hi, d * lo).sum())
-        size = float(np.abs(cf).sum() + (self._absM.T @ np.abs(lam)).sum() + np.abs(lam) @ self._absr)
-        eps = 4.0 * (self._M.shape[0] + self.n + 4) * _U * size
+        d = cf - self._MT @ lam
+        gain = np.maximum(d, 0.0).sum() if free else np.where(d > 0, d * hi, d * lo).sum()
+        U = float(lam @ self._r) + float(gain)
+        size = float(np.abs(cf).sum()) + float(np.abs(lam) @ self._size_rows)
+        eps = 4.0 * (len(self._r) + self.n + 4) * _U * size
         return int(c @ z) > U + eps - 1.0

@@ -174,3 +174,30 @@ def test_row_whose_common_denominator_overflows_is_refused_by_name():
     A = [[1 / p for p in primes]]
     with pytest.raises(DomainError, match=r"A: row 0 times the common denominator \d+ of its fractions has .* expected < 2\^62"):
         sg.get_solver("ilp", A=A, b=[1])
+
+
+# ----------------------------------------------------------------------------- the exact feasibility check
+@pytest.mark.parametrize("n,rows,big", [(8, 3, False), (400, 50, False), (6, 2, True)])
+def test_feasibility_check_is_exact_on_every_path(n, rows, big):
+    """Small systems use a dense int64 product, large ones the nonzeros (float64 sums when
+    exact, int64 when a row's Σ|coefficients| reaches 2^53); all agree with Python integers."""
+    from structgrad.solvers._ilp_constraints import read_system
+
+    rng = np.random.default_rng(n)
+    scale = 2**55 if big else 5
+    A = rng.integers(-scale, scale, size=(rows, n)) * (rng.random((rows, n)) < 0.5)
+    Z = rng.integers(0, 2, size=(40, n))
+    lhs = np.array([[sum(int(a) * int(zj) for a, zj in zip(row, z)) for row in A] for z in Z], dtype=object)
+    b = np.array([int(v) for v in np.median(lhs, axis=0).astype(np.int64)])
+    sy = read_system(A[: rows // 2], b[: rows // 2], A[rows // 2:], b[rows // 2:], 10**6)
+    assert (sy._W is None) == (n == 400) and sy._sums_exact == (not big)
+    want = np.array([all(lhs[i, r] <= b[r] for r in range(rows // 2)) and all(lhs[i, r] == b[r] for r in range(rows // 2, rows)) for i in range(len(Z))])
+    assert np.array_equal(sy.feasible(Z), want)
+    Zok = Z[want] if want.any() else Z[:0]
+    assert sy.first_infeasible(Zok) == -1
+    if not want.all():
+        assert sy.first_infeasible(Z) == int(np.flatnonzero(~want)[0])
+    bad = Zok.copy()
+    if len(bad):
+        bad[0, 0] = 2  # not binary
+        assert sy.first_infeasible(bad) == 0 and not sy.feasible(bad)[0]

@@ -326,7 +326,7 @@ def test_lp_certificate_rejects_a_worse_integral_z():
     theta = -_theta((1, 12), 9).abs()
     c = scale_objective(theta.numpy(), 30)[0][0]
     slot = backend._acquire()
-    z, y = backend._lp_solve(slot, c, backend.bounds.hi)
+    z, y = backend._lp_solve(slot, c, backend.bounds.hi, True)
     lo, hi = backend.bounds.lo, backend.bounds.hi
     assert z is not None and backend._certified(c, z, y, lo, hi)
     others = [zz for zz in feasible_matrix(12, A_eq=A_eq, b_eq=b_eq) if c @ zz < c @ z]
