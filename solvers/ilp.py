@@ -312,7 +312,12 @@ class ILPSolver(Solver):
 
     # ------------------------------------------------------------------ validation
     def check_theta(self, theta: Any) -> Any:
-        """Shared structural checks, then θ's last dimension must be n."""
+        """Shared structural checks, then θ must be one tensor whose last dimension is n."""
+        if isinstance(theta, (tuple, list)):
+            raise ShapeError(
+                f"theta: expected one tensor of shape (*batch, {self.n}) for solver 'ilp', got a {type(theta).__name__} "
+                f"of {len(theta)}"
+            )
         theta = super().check_theta(theta)
         if theta.shape[-1] != self.n:
             raise ShapeError(
