@@ -10,9 +10,11 @@ E_v[a, b] (label a at p, b at v; the graph's edge transposed where it is listed 
 (v, p)); node and edge scores are centred (each node's and edge's maximum removed,
 so every score is ≤ 0 and no sum of them overflows; the constants go into A):
 
-* upward:   h_v = node_v + Σ_{children w} m_w,   m_v[a] = logsumexp_b(E_v[a, b] + h_v[b]) − c_v,
-  c_v = max_a of the un-normalised message;  A = Σ c + Σ_roots logsumexp h_r + constants;
-* downward: d_root = 0,  d_v[b] = logsumexp_a(E_v[a, b] + h_p[a] + d_p[a] − m_v[a]) − max;
+* upward:   h_v = node_v + Σ_{children w} m_w,   m_v[a] = logsumexp_b(E_v[a, b] + h_v[b]) (− c_v),
+  A = Σ_roots logsumexp h_r + the centring constants (+ Σ c);
+* downward: d_root = 0,  d_v[b] = logsumexp_a(E_v[a, b] + h_p[a] + d_p[a] − m_v[a]) (− its max);
+  the re-centring in brackets (c_v = max_a of the message) only for scores so wide that
+  N·(range) could approach the float64 limit (:attr:`Problem.normalise`);
   where m_v[a] = −inf the term is −inf (no −inf − (−inf)): then E_v[a, b] + h_v[b] = −inf
   for every b, so the term cannot reach a marginal;
 * marginals: μ_v = softmax(h_v + d_v),
@@ -83,7 +85,20 @@ class Problem:
 
     ``node`` (B, N, C) by position; ``edge`` (B or absent, E, C, C) oriented per
     non-root position ([parent label, child label]); ``const`` (B,) the centring
-    constants (Σ of the removed maxima)."""
+    constants (Σ of the removed maxima).
+
+    ``normalise``: whether the passes re-centre every message.  After centring, every
+    score lies in [−r, 0] (r: the widest range of finite scores of a node or an edge),
+    so un-normalised log-messages and beliefs stay within about N·(r + log C) of 0;
+    while that is far below the float64 limit (the test: N·r < 1e290) the passes skip
+    the re-centring (3 ops per level and pass), and otherwise (scores beyond ~1e287)
+    re-centre every message so that nothing overflows.
+
+    ``scale``: A is a sum of N-odd terms (the removed maxima, the message normalisers,
+    the roots' log-sums); when these are so large that a partial sum could overflow,
+    the sum is taken over the terms times ``scale`` = 2^−64 (exact: a power of two) and
+    divided by it at the end, so that A is ±inf only if it really is beyond the
+    float64 range, and never NaN.  ``const`` (B,) is Σ (removed maxima) · ``scale``."""
 
     def __init__(self, dp: DevicePlan, node: torch.Tensor, edge: torch.Tensor):
         self.dp = dp
@@ -102,7 +117,12 @@ class Problem:
         eor = flat.index_select(1, to_or).to(_CDTYPE).view(flat.shape[0], E, C, C)
         emax = V.finite_or_zero(eor.amax((-2, -1), keepdim=True)) if E else eor.new_zeros(eor.shape[0], 0, 1, 1)
         self.edge = eor.sub_(emax) if not self.shared else eor.sub_(emax)[0]
-        self.const = nmax.sum((1, 2)) + emax.sum((1, 2, 3))  # (B,) or (1,) for a shared edge
+        tops = [x.abs().amax() if x.numel() else x.new_zeros(()) for x in (nmax, emax)]
+        stats = torch.stack([-_finite_min(self.node), -_finite_min(self.edge), *tops]).tolist()  # one host sync
+        r, top = max(stats[:2]), max(stats[2:])
+        self.normalise = not r * (self.N + 1) < 1e290
+        self.scale = 1.0 if (r + top) * (self.N + 1) < 1e290 else 2.0**-64
+        self.const = (nmax * self.scale).sum((1, 2)) + (emax * self.scale).sum((1, 2, 3))  # (B,) or (1,)
 
     def edge_level(self, s: int, e: int) -> torch.Tensor:
         """Oriented edge scores of positions s..e−1 (non-root): (B, n, C, C) or (n, C, C)."""
@@ -111,6 +131,14 @@ class Problem:
 
     def unflatten(self, x: torch.Tensor, event: tuple[int, ...]) -> torch.Tensor:
         return x.reshape(tuple(self.batch) + tuple(event)).to(self.dtype)
+
+
+def _finite_min(x: torch.Tensor) -> torch.Tensor:
+    """The smallest finite entry of ``x`` (0 if none); one pass unless ``x`` has −inf."""
+    if x.numel() == 0:
+        return x.new_zeros(())
+    lo = x.amin()
+    return torch.where(torch.isneginf(lo), torch.where(torch.isneginf(x), 0.0, x).amin(), lo)
 
 
 # ----------------------------------------------------------------------------- passes
@@ -124,39 +152,49 @@ def _floor_(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_(min=_FMIN)
 
 
-def upward(p: Problem, max_product: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def upward(p: Problem, max_product: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Leaves-to-roots pass: ``h`` (B, N, C) (node scores plus the children's messages,
-    by position), messages ``m`` (B, N−R, C) (normalised: max 0, or all −inf), and
-    ``A`` (B,) (sum-product) or the best score (max-product; ``−inf`` if infeasible).
+    by position), messages ``m`` (B, N−R, C) (max 0 with ``p.normalise``), ``A`` (B,)
+    (sum-product) or the best score (max-product), and ``feasible`` (B,) bool.
 
     A message whose every entry is −inf makes its parent's ``h`` all −inf, and so on up
     to the root: the instance is infeasible and A = −inf (the finite floor that
-    :func:`_floor_` puts in its normaliser only adds a finite amount to −inf)."""
+    :func:`_floor_` puts in its normaliser only adds a finite amount to −inf).
+    Messages are re-centred (max 0) only when ``p.normalise``."""
     dp = p.dp
     R = dp.R
     h = p.node.clone()
     m = h.new_zeros(p.B, p.N - R, p.C)
-    cst = h.new_zeros(p.B, p.N - R)
+    cst = h.new_zeros(p.B, p.N - R) if p.normalise else None
     offs = dp.offsets
     for lvl in range(len(dp.levels) - 1, -1, -1):
         s, e, lpar = dp.levels[lvl]
         x = p.edge_level(s, e) + h[:, s:e].unsqueeze(-2)  # (B, n, C_parent, C_child)
         mv = x.amax(-1) if max_product else torch.logsumexp(x, dim=-1)
-        c = _floor_(mv.amax(-1, keepdim=True))
-        mv.sub_(c)
+        if cst is not None:
+            c = _floor_(mv.amax(-1, keepdim=True))
+            mv.sub_(c)
+            cst[:, s - R : e - R] = c.squeeze(-1)
         m[:, s - R : e - R] = mv
-        cst[:, s - R : e - R] = c.squeeze(-1)
         h[:, offs[lvl] : offs[lvl + 1]].index_add_(1, lpar, mv)
     top = h[:, :R]
-    root = top.amax(-1) if max_product else torch.logsumexp(top, dim=-1)
-    return h, m, root.sum(-1) + cst.sum(-1) + p.const
+    root = (top.amax(-1) if max_product else torch.logsumexp(top, dim=-1)).sum(-1)
+    feasible = torch.isfinite(root)  # from the passes, whatever the size of A
+    if p.scale == 1.0:
+        logz = root + p.const if cst is None else root + p.const + cst.sum(-1)
+    else:
+        logz = root * p.scale + p.const
+        if cst is not None:
+            logz = logz + (cst * p.scale).sum(-1)
+        logz = logz / p.scale
+    return h, m, logz, feasible
 
 
 def downward_marginals(
-    p: Problem, h: torch.Tensor, m: torch.Tensor, logz: torch.Tensor, weight: torch.Tensor | None = None
+    p: Problem, h: torch.Tensor, m: torch.Tensor, feasible: torch.Tensor, weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Roots-to-leaves pass and the marginals: node (B, N, C) and edge (B, E, C, C) in
-    node-id and graph-edge order (float64).  Infeasible instances (``logz = −inf``) get 0.
+    node-id and graph-edge order (float64).  Infeasible instances (``feasible`` False) get 0.
     With ``weight`` (B,) and a shared edge, the edge marginals come back summed over the
     batch with those weights, (E, C, C) (the backward of a shared edge).  Reads ``h`` and
     ``m`` without changing them.
@@ -172,8 +210,10 @@ def downward_marginals(
     for lvl, (s, e, lpar) in enumerate(dp.levels):
         x = belief[:, offs[lvl] : offs[lvl + 1]].index_select(1, lpar).add_(neg_m[:, s - R : e - R])  # (B, n, C_parent)
         dv = torch.logsumexp(p.edge_level(s, e) + x.unsqueeze(-1), dim=-2)  # (B, n, C_child)
-        belief[:, s:e] += dv.sub_(_floor_(dv.amax(-1, keepdim=True)))
-    feasible = torch.isfinite(logz).to(_CDTYPE)
+        if p.normalise:
+            dv.sub_(_floor_(dv.amax(-1, keepdim=True)))
+        belief[:, s:e] += dv
+    feasible = feasible.to(_CDTYPE)
     # edge blocks: (h_p + d_p − m_v)[a] + E_v[a, b] + h_v[b]
     x = belief.index_select(1, dp.parent).add_(neg_m)
     blk = normalized_exp((x.unsqueeze(-1) + p.edge).add_(h[:, R:].unsqueeze(-2)), 2, inplace=True)
@@ -205,16 +245,16 @@ def _top_down(p: Problem, h: torch.Tensor, lead: tuple[int, ...], *, sample: boo
 
 def map_labels(p: Problem) -> torch.Tensor:
     """MAP labels (B, N) by node id (ties to the lowest label); −1 for infeasible instances."""
-    h, _, best = upward(p, max_product=True)
+    h, _, _, feasible = upward(p, max_product=True)
     y = _top_down(p, h, (), sample=False)
-    return torch.where(torch.isfinite(best).unsqueeze(-1), y, torch.full_like(y, -1))
+    return torch.where(feasible.unsqueeze(-1), y, torch.full_like(y, -1))
 
 
 def sample_labels(p: Problem, S: int, generator: torch.Generator | None) -> torch.Tensor:
     """S exact samples (S, B, N) by node id; −1 for infeasible instances."""
-    h, _, logz = upward(p)
+    h, _, _, feasible = upward(p)
     y = _top_down(p, h, (S,), sample=True, generator=generator)
-    return torch.where(torch.isfinite(logz)[None, :, None], y, torch.full_like(y, -1))
+    return torch.where(feasible[None, :, None], y, torch.full_like(y, -1))
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -226,9 +266,9 @@ class TreeLogPartition(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, node: torch.Tensor, edge: torch.Tensor, p: Problem) -> torch.Tensor:
-        h, m, logz = upward(p)
+        h, m, logz, feasible = upward(p)
         if any(ctx.needs_input_grad[:2]):
-            ctx.problem, ctx.state = p, (h, m, logz)
+            ctx.problem, ctx.state = p, (h, m, feasible)
         ctx.shapes = (node.shape, edge.shape, node.dtype, edge.dtype)
         return logz.reshape(p.batch).to(p.dtype)
 
@@ -236,10 +276,10 @@ class TreeLogPartition(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         refuse_create_graph("tree")
         p = ctx.problem
-        h, m, logz = ctx.state
+        h, m, feasible = ctx.state
         node_shape, edge_shape, node_dtype, edge_dtype = ctx.shapes
         g = grad.reshape(-1).to(_CDTYPE)
-        mu, emu = downward_marginals(p, h, m, logz, weight=g)  # reads the state only: may run twice
+        mu, emu = downward_marginals(p, h, m, feasible, weight=g)  # reads the state only: may run twice
         g_node = mu.mul_(g[:, None, None]).reshape(node_shape).to(node_dtype)
         g_edge = emu.reshape(edge_shape).to(edge_dtype)
         return g_node, g_edge, None

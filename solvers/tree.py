@@ -161,8 +161,8 @@ class TreeSolver(Solver):
     def _log_partition_and_marginals(self, theta: Any):
         with torch.no_grad():
             p = self._problem(theta)
-            h, m, logz = upward(p)
-            mu, emu = downward_marginals(p, h, m, logz)
+            h, m, logz, feasible = upward(p)
+            mu, emu = downward_marginals(p, h, m, feasible)
             E, C = self.plan.num_edges, p.C
             return logz.reshape(p.batch).to(p.dtype), (p.unflatten(mu, (p.N, C)), p.unflatten(emu, (E, C, C)))
 

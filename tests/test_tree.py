@@ -261,6 +261,39 @@ def test_huge_scores_match_enumeration(dtype, scale):
     assert torch.isfinite(n.grad).all()
 
 
+@pytest.mark.parametrize("scale", [1e3, 1e307])
+def test_wide_scores_on_a_larger_tree_no_nan(scale):
+    """Scores up to near the float64 limit on 60 nodes: the passes re-centre every
+    message (``normalise``) and stay finite; at 1e3 they need not and do not."""
+    G = random_forest(60, 2, 25)
+    tree = sg.get_solver("tree", graph=G)
+    node, edge = make(G, B=(2,), C=3, scale=scale, seed=26)
+    assert tree._problem((node, edge)).normalise == (scale > 1e3)
+    lz, (mn, me) = tree.log_partition_and_marginals((node, edge))
+    assert torch.isfinite(mn).all() and torch.isfinite(me).all() and not torch.isnan(lz).any()
+    torch.testing.assert_close(mn.sum(-1), torch.ones(2, 60, dtype=F64))
+    torch.testing.assert_close(me.sum((-2, -1)), torch.ones(2, 58, dtype=F64))
+    z = tree.map((node, edge))
+    assert torch.equal(z[0].sum(-1), torch.ones(2, 60, dtype=F64))
+    if scale > 1e3:  # a point mass: the marginals are the MAP
+        assert torch.equal(z[0], mn) and torch.equal(z[1], me)
+
+
+def test_log_partition_beyond_float64_keeps_exact_marginals():
+    """Equal scores of 1e307 on 200 nodes: A ≈ 4e309 is +inf in float64 (correctly), and
+    the marginals are still the uniform ones; one forbidden label per node changes them."""
+    tree = sg.get_solver("tree", graph=nx.path_graph(200))
+    node, edge = torch.full((1, 200, 4), 1e307, dtype=F64), torch.full((199, 4, 4), 1e307, dtype=F64)
+    lz, (mn, me) = tree.log_partition_and_marginals((node, edge))
+    assert torch.isposinf(lz).all()
+    torch.testing.assert_close(mn, torch.full_like(mn, 0.25))
+    torch.testing.assert_close(me, torch.full_like(me, 1 / 16))
+    node[..., 0] = float("-inf")
+    _, (mn, _) = tree.log_partition_and_marginals((node, edge))
+    torch.testing.assert_close(mn[..., 1:], torch.full_like(mn[..., 1:], 1 / 3))
+    assert torch.equal(tree.map((node, edge))[0][0, :, 1], torch.ones(200, dtype=F64))  # ties: lowest allowed label
+
+
 def test_float32_agrees_with_float64_on_a_larger_tree():
     G = nx.random_labeled_tree(300, seed=17)
     tree = sg.get_solver("tree", graph=G)
