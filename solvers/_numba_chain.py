@@ -16,11 +16,11 @@ forward-backward) when every transition score is finite, every position has a
 possible label and R = (edge range) + (finite node range) ≤ 300, the float64 bound
 (messages then stay within e^(±2R)·poly(C) of each other: no underflow);
 otherwise *re-centred log space* (float64 logsumexp recursions; −inf, wide ranges
-and ±1e30 scores give no inf/NaN).  For float32 inputs the kernel exp(edge − max)
-is stored in float32 when the edge range is ≤ 80 (float32 holds e^−80 as a normal
-number; the relative error of each entry is then that of the float32 input),
-otherwise in float64.  Exponentials use :func:`_fexp` (vectorisable; ≤ 4e-16
-relative error), not libm's scalar exp.
+and ±1e30 scores give no inf/NaN).  Float32 inputs with R ≤ 32 (the torch backend's
+float32 bound) run the probability-space recursion in float32 arithmetic
+(PATH_EXP32), as the torch backend does; wider float32 instances take the float64
+paths.  Exponentials use :func:`_fexp` / :func:`_fexp32` (vectorisable; relative
+error ≤ 4e-16 / ≤ 2e-7), not libm's scalar exp.
 
 Algorithms, per instance of length L (A = log Z):
 
@@ -76,7 +76,7 @@ __all__ = [
 
 _NEG_INF = -np.inf
 _EXP_RANGE = 300.0  # R bound of the probability-space path (float64 recursion)
-_K32_RANGE = 80.0  # float32 inputs: K = exp(edge − max) kept in float32 below this edge range
+_F32_RANGE = 32.0  # float32 inputs: float32 arithmetic below this R (the torch backend's float32 bound)
 _FM = {"contract", "reassoc", "nsz", "arcp"}  # probability-space loops only (finite values)
 _jit = numba.njit(cache=True, nogil=True)
 _jit_fm = numba.njit(cache=True, nogil=True, fastmath=_FM)
@@ -298,9 +298,58 @@ def _fill_kernel32(edge, e0, et, n, emax, K):
 
 # ----------------------------------------------------------------------------- probability space
 @_jit_fm
+def _vecmat(x, k, out):
+    """out[j] = Σ_i x[i] k[i, j] (rows taken four at a time: one load/store of out per 4 FMAs)."""
+    C = out.shape[0]
+    for j in range(C):
+        out[j] = 0
+    i = 0
+    while i + 4 <= C:
+        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+        k0, k1, k2, k3 = k[i], k[i + 1], k[i + 2], k[i + 3]
+        for j in range(C):
+            out[j] += x0 * k0[j] + x1 * k1[j] + x2 * k2[j] + x3 * k3[j]
+        i += 4
+    while i < C:
+        xi = x[i]
+        ki = k[i]
+        for j in range(C):
+            out[j] += xi * ki[j]
+        i += 1
+
+
+@_jit_fm
+def _matvec(k, u, out):
+    """out[i] = Σ_j k[i, j] u[j] (four rows at a time, vectorised reductions)."""
+    C = out.shape[0]
+    z = out.dtype.type(0)  # accumulate in out's dtype (float32 arithmetic on the float32 path)
+    i = 0
+    while i + 4 <= C:
+        k0, k1, k2, k3 = k[i], k[i + 1], k[i + 2], k[i + 3]
+        s0 = s1 = s2 = s3 = z
+        for j in range(C):
+            uj = u[j]
+            s0 += k0[j] * uj
+            s1 += k1[j] * uj
+            s2 += k2[j] * uj
+            s3 += k3[j] * uj
+        out[i], out[i + 1], out[i + 2], out[i + 3] = s0, s1, s2, s3
+        i += 4
+    while i < C:
+        ki = k[i]
+        s0 = z
+        for j in range(C):
+            s0 += ki[j] * u[j]
+        out[i] = s0
+        i += 1
+
+
+@_jit_fm
 def _exp_forward(node, L, nmax, P, K, kb, kt, alpha, s):
-    """Scaled forward pass; fills P, α̂ (rows summing to 1) and s; returns Σ_t (log s_t + max node_t)."""
+    """Scaled forward pass; fills P, α̂ (rows summing to 1) and s; returns Σ_t (log s_t + max node_t).
+    Arithmetic in the dtype of the work arrays P, alpha, s (float32 on the PATH_EXP32 path)."""
     C = node.shape[1]
+    one = alpha.dtype.type(1)
     for t in range(L):
         sh = nmax[t]
         for j in range(C):
@@ -312,21 +361,14 @@ def _exp_forward(node, L, nmax, P, K, kb, kt, alpha, s):
             for j in range(C):
                 a[j] = P[0, j]
         else:
-            k = K[kb + (t - 1) * kt]
-            for j in range(C):
-                a[j] = 0.0
-            for i in range(C):
-                ai = alpha[t - 1, i]
-                if ai != 0.0:
-                    for j in range(C):
-                        a[j] += ai * k[i, j]
+            _vecmat(alpha[t - 1], K[kb + (t - 1) * kt], a)
             for j in range(C):
                 a[j] *= P[t, j]
-        sm = 0.0
+        sm = one - one
         for j in range(C):
             sm += a[j]
         s[t] = sm
-        inv = 1.0 / sm
+        inv = one / sm
         for j in range(C):
             a[j] *= inv
         logz += math.log(sm) + nmax[t]
@@ -334,34 +376,64 @@ def _exp_forward(node, L, nmax, P, K, kb, kt, alpha, s):
 
 
 @_jit_fm
-def _exp_backward(L, P, K, kb, kt, alpha, s, w, mu, emu, e0, ot, acc, beta, u):
-    """Scaled backward pass: μ_t = α̂_t β̂_t into mu (t < L), μ_t[i, j] = α̂_t[i] K_t[i, j] u[j]
-    into emu rows e0 + t·ot (added when ``acc``), all times the weight w."""
+def _exp_backward(L, P, K, kb, kt, alpha, s, w, mu, emu, e0, ot, acc, beta, U):
+    """Scaled backward pass: μ_t = α̂_t β̂_t into mu (t < L), μ_t[i, j] = α̂_t[i] K_t[i, j] u_t[j]
+    into emu rows e0 + t·ot (added when ``acc``), all times the weight w; u_t = U[t + 1]
+    = P_{t+1} ⊙ β̂_{t+1} / s_{t+1}.  A single shared K (kt = 0, counts): the counts are
+    w · K ⊙ Σ_t α̂_t ⊗ u_t, one blocked pass at the end."""
     C = P.shape[1]
+    counts = kt == 0 and acc
+    one = alpha.dtype.type(1)
+    wt = alpha.dtype.type(w)
     for j in range(C):
-        beta[j] = 1.0
+        beta[j] = one
         mu[L - 1, j] = w * alpha[L - 1, j]
     for t in range(L - 2, -1, -1):
-        inv = 1.0 / s[t + 1]
+        inv = one / s[t + 1]
+        u = U[t + 1]
         for j in range(C):
             u[j] = P[t + 1, j] * inv * beta[j]
         k = K[kb + t * kt]
+        _matvec(k, u, beta)
+        for i in range(C):
+            mu[t, i] = w * alpha[t, i] * beta[i]
+        if counts:
+            continue
         row = emu[e0 + t * ot]
         for i in range(C):
-            ai = alpha[t, i] * w
-            b = 0.0
+            ai = alpha[t, i] * wt
+            ki = k[i]
+            ri = row[i]
             if acc:
                 for j in range(C):
-                    x = k[i, j] * u[j]
-                    b += x
-                    row[i, j] += ai * x
+                    ri[j] += ai * (ki[j] * u[j])
             else:
                 for j in range(C):
-                    x = k[i, j] * u[j]
-                    b += x
-                    row[i, j] = ai * x
-            beta[i] = b
-            mu[t, i] = ai * b
+                    ri[j] = ai * (ki[j] * u[j])
+    if counts and L > 1:
+        row = emu[e0]
+        k = K[kb]
+        for i in range(C):  # G[i, :] = Σ_t α̂_t[i] u_t, four positions at a time
+            t = 0
+            g = U[0]  # scratch row: U[0] is not used by the recursion
+            for j in range(C):
+                g[j] = 0
+            while t + 4 <= L - 1:
+                a0, a1, a2, a3 = alpha[t, i], alpha[t + 1, i], alpha[t + 2, i], alpha[t + 3, i]
+                u0, u1, u2, u3 = U[t + 1], U[t + 2], U[t + 3], U[t + 4]
+                for j in range(C):
+                    g[j] += a0 * u0[j] + a1 * u1[j] + a2 * u2[j] + a3 * u3[j]
+                t += 4
+            while t < L - 1:
+                at = alpha[t, i]
+                ut = U[t + 1]
+                for j in range(C):
+                    g[j] += at * ut[j]
+                t += 1
+            ki = k[i]
+            ri = row[i]
+            for j in range(C):
+                ri[j] += w * ki[j] * g[j]
 
 
 # ----------------------------------------------------------------------------- log space
@@ -453,7 +525,7 @@ def _log_backward(node, L, nmax, edge, e0, et, alpha, c, w, mu, emu, e0o, ot, ac
 @_jit
 def _choose_path(node_b, L, edge, e0, et, nmax, emax, K32, K64, shared, g_er, g_fin, f32):
     """Statistics of one instance and its path (PATH_*).  Per-instance edges: K32 (float32
-    inputs) or K64 is filled on the way (refilled in float64 if the float32 bound fails)."""
+    inputs) or K64 is filled on the way (K64 refilled if float32 is not sound)."""
     nr, dead = _node_stats(node_b, L, nmax)
     if shared:
         er, fin = g_er, g_fin
@@ -461,7 +533,7 @@ def _choose_path(node_b, L, edge, e0, et, nmax, emax, K32, K64, shared, g_er, g_
         er, fin = _edge_stats(edge, e0, et, L - 1, emax, K32, K64, not dead, f32)
     if dead or not fin or er + nr > _EXP_RANGE:
         return PATH_LOG
-    if f32 and er <= _K32_RANGE:
+    if f32 and er + nr <= _F32_RANGE:
         return PATH_EXP32
     if f32 and not shared:
         _fill_kernel(edge, e0, et, L - 1, emax, K64)
@@ -475,13 +547,28 @@ def _zero_rows(a, r0, r1):
 
 
 @_jit
+def _exp_instance(node_b, L, nmax, P, K, kt, alpha, s, esum, want, w, mu_b, emu, eo, ot, acc, beta, U):
+    """Probability-space log Z (+ marginals if ``want``) of one instance, in the work arrays' dtype."""
+    lz = _exp_forward(node_b, L, nmax, P, K, 0, kt, alpha, s) + esum
+    if want:
+        _exp_backward(L, P, K, 0, kt, alpha, s, w, mu_b, emu, eo, ot, acc, beta, U)
+    return lz
+
+
+@_jit
+def _work(T, C, dtype):
+    """P, α̂, s, β, U of one thread's exp path, in ``dtype``."""
+    return (np.empty((T, C), dtype), np.empty((T, C), dtype), np.empty(T, dtype), np.empty(C, dtype), np.empty((T, C), dtype))
+
+
+@_jit
 def _lpm_range(b0, b1, node, edge, eb, et, lengths, gK32, gK64, gemax, g_er, g_fin, f32, want, weight, logz, mu, emu, ebase, ob, ot, acc):
     """log Z (and, if ``want``, marginals) of instances b0 ≤ b < b1.
 
-    ``gK32``/``gK64``: exp(edge − emax) for batch-less layouts (eb = 0; one of them
-    filled, by :func:`_global_kernel`), ``gemax`` its per-row maxima.  Edge marginals
-    go to emu rows ``ebase + b·ob + t·ot``, added when ``acc`` else assigned (rows
-    past the length zeroed)."""
+    ``gK32``/``gK64``: exp(edge − emax) for batch-less layouts (eb = 0; filled by
+    :func:`_global_kernel`), ``gemax`` its per-row maxima.  Edge marginals go to emu
+    rows ``ebase + b·ob + t·ot``, added when ``acc`` else assigned (rows past the
+    length zeroed)."""
     B, T, C = node.shape
     shared = eb == 0
     nmax = np.zeros(T)
@@ -489,13 +576,11 @@ def _lpm_range(b0, b1, node, edge, eb, et, lengths, gK32, gK64, gemax, g_er, g_f
     nK = 0 if shared else max(T - 1, 0)
     K32 = np.empty((nK, C, C), np.float32)
     K64 = np.empty((nK, C, C), np.float64)
-    P = np.empty((T, C))
-    alpha = np.empty((T, C))
-    s = np.empty(T)
-    beta = np.empty(C)
-    u = np.empty(C)
+    P4, alpha4, s4, beta4, U4 = _work(T if f32 else 0, C, np.float32)
+    P8, alpha8, s8, beta8, U8 = _work(T, C, np.float64)
     v1 = np.empty(C)
     v2 = np.empty(C)
+    v3 = np.empty(C)
     for b in range(b0, b1):
         L = lengths[b]
         w = weight[b]
@@ -511,26 +596,15 @@ def _lpm_range(b0, b1, node, edge, eb, et, lengths, gK32, gK64, gemax, g_er, g_f
         path = _choose_path(node[b], L, edge, e0, et, nmax, emax, K32, K64, shared, g_er, g_fin, f32)
         if path != PATH_LOG:
             esum = 0.0
-            if shared:
-                for t in range(L - 1):
-                    esum += gemax[t * et]
-            else:
-                for t in range(L - 1):
-                    esum += emax[t]
-            kb, ktt = 0, (et if shared else 1)
+            for t in range(L - 1):
+                esum += gemax[t * et] if shared else emax[t]
+            kt = et if shared else 1
             if path == PATH_EXP32:
-                Kx32 = gK32 if shared else K32
-                lz = _exp_forward(node[b], L, nmax, P, Kx32, kb, ktt, alpha, s) + esum
-                if want:
-                    _exp_backward(L, P, Kx32, kb, ktt, alpha, s, w, mu[b], emu, eo, ot, acc, beta, u)
+                logz[b] = _exp_instance(node[b], L, nmax, P4, gK32 if shared else K32, kt, alpha4, s4, esum, want, w, mu[b], emu, eo, ot, acc, beta4, U4)
             else:
-                Kx64 = gK64 if shared else K64
-                lz = _exp_forward(node[b], L, nmax, P, Kx64, kb, ktt, alpha, s) + esum
-                if want:
-                    _exp_backward(L, P, Kx64, kb, ktt, alpha, s, w, mu[b], emu, eo, ot, acc, beta, u)
-            logz[b] = lz
+                logz[b] = _exp_instance(node[b], L, nmax, P8, gK64 if shared else K64, kt, alpha8, s8, esum, want, w, mu[b], emu, eo, ot, acc, beta8, U8)
             continue
-        lz = _log_forward(node[b], L, nmax, edge, e0, et, alpha, s, v1, v2)
+        lz = _log_forward(node[b], L, nmax, edge, e0, et, alpha8, s8, v1, v2)
         logz[b] = lz
         if not want:
             continue
@@ -539,7 +613,7 @@ def _lpm_range(b0, b1, node, edge, eb, et, lengths, gK32, gK64, gemax, g_er, g_f
             if not acc:
                 _zero_rows(emu, eo, eo + (L - 1) * ot)
             continue
-        _log_backward(node[b], L, nmax, edge, e0, et, alpha, s, w, mu[b], emu, eo, ot, acc, beta, u, v1, v2)
+        _log_backward(node[b], L, nmax, edge, e0, et, alpha8, s8, w, mu[b], emu, eo, ot, acc, beta8, v3, v1, v2)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -551,14 +625,14 @@ def _lpm_prange(chunks, node, edge, eb, et, lengths, gK32, gK64, gemax, g_er, g_
 
 @_jit
 def _global_kernel(edge, f32, gK32, gK64, gemax):
-    """Batch-less edges: statistics of all rows, and exp(edge − max) into gK32 or gK64."""
+    """Batch-less edges: statistics of all rows, exp(edge − max) into gK64 and, for float32
+    edges within the float32 bound, into gK32 too (instances choose by their node range)."""
     n = edge.shape[0]
     er, fin = _edge_stats(edge, 0, 1, n, gemax, gK32, gK64, False, f32)
     if fin and er <= _EXP_RANGE:
-        if f32 and er <= _K32_RANGE:
+        _fill_kernel(edge, 0, 1, n, gemax, gK64)
+        if f32 and er <= _F32_RANGE:
             _fill_kernel32(edge, 0, 1, n, gemax, gK32)
-        else:
-            _fill_kernel(edge, 0, 1, n, gemax, gK64)
     return er, fin
 
 
@@ -628,72 +702,72 @@ def _draw(p, u):
 
 
 @_jit
+def _backward_draws(alpha, K, kt, L, Ub, labels_b, p):
+    """Backward sampling on the probability-space path: y_{L−1} ~ α̂_{L−1}, y_t ~ α̂_t ⊙ K_t[:, y_{t+1}]."""
+    C = alpha.shape[1]
+    for k in range(Ub.shape[0]):
+        y = -1
+        for t in range(L - 1, -1, -1):
+            for i in range(C):
+                p[i] = alpha[t, i] if t == L - 1 else alpha[t, i] * K[t * kt, i, y]
+            y = _draw(p, Ub[k, t])
+            labels_b[k, t] = y
+            if y < 0:
+                labels_b[k, :] = -1
+                break
+
+
+@_jit
 def _sample_range(b0, b1, node, edge, eb, et, lengths, gK32, gK64, gemax, g_er, g_fin, f32, U, labels):
     """FFBS samples labels[s, b] for b0 ≤ b < b1 from uniforms U (S, B, T)."""
     B, T, C = node.shape
-    S = U.shape[0]
     shared = eb == 0
     nmax = np.zeros(T)
     emax = np.zeros(max(T - 1, 1))
     nK = 0 if shared else max(T - 1, 0)
     K32 = np.empty((nK, C, C), np.float32)
     K64 = np.empty((nK, C, C), np.float64)
-    P = np.empty((T, C))
-    alpha = np.empty((T, C))
-    s = np.empty(T)
+    P4, alpha4, s4, _, _ = _work(T if f32 else 0, C, np.float32)
+    P8, alpha8, s8, _, _ = _work(T, C, np.float64)
     p = np.empty(C)
     v1 = np.empty(C)
     v2 = np.empty(C)
     for b in range(b0, b1):
         L = lengths[b]
-        for k in range(S):
-            for t in range(T):
-                labels[k, b, t] = -1
+        labels[:, b, :] = -1
         if L == 0:
             continue
         e0 = b * eb
+        Ub = U[:, b, :]
+        lab = labels[:, b, :]
         path = _choose_path(node[b], L, edge, e0, et, nmax, emax, K32, K64, shared, g_er, g_fin, f32)
-        kb, ktt = (0, et) if shared else (0, 1)
+        kt = et if shared else 1
         if path == PATH_EXP32:
-            Kx32 = gK32 if shared else K32
-            _exp_forward(node[b], L, nmax, P, Kx32, kb, ktt, alpha, s)
-        elif path == PATH_EXP64:
-            Kx64 = gK64 if shared else K64
-            _exp_forward(node[b], L, nmax, P, Kx64, kb, ktt, alpha, s)
-        else:
-            if _log_forward(node[b], L, nmax, edge, e0, et, alpha, s, v1, v2) == _NEG_INF:
-                continue
-        for k in range(S):
-            ok = True
+            Kx = gK32 if shared else K32
+            _exp_forward(node[b], L, nmax, P4, Kx, 0, kt, alpha4, s4)
+            _backward_draws(alpha4, Kx, kt, L, Ub, lab, p)
+            continue
+        if path == PATH_EXP64:
+            Kx = gK64 if shared else K64
+            _exp_forward(node[b], L, nmax, P8, Kx, 0, kt, alpha8, s8)
+            _backward_draws(alpha8, Kx, kt, L, Ub, lab, p)
+            continue
+        if _log_forward(node[b], L, nmax, edge, e0, et, alpha8, s8, v1, v2) == _NEG_INF:
+            continue
+        for k in range(U.shape[0]):  # log space: y_t ~ exp(ᾱ_t + edge_t[:, y_{t+1}] − max)
             y = -1
             for t in range(L - 1, -1, -1):
-                if t == L - 1:
-                    for i in range(C):
-                        p[i] = alpha[t, i] if path != PATH_LOG else _fexp(alpha[t, i])
-                elif path == PATH_EXP32:
-                    Kt = (gK32 if shared else K32)[kb + t * ktt]
-                    for i in range(C):
-                        p[i] = alpha[t, i] * Kt[i, y]
-                elif path == PATH_EXP64:
-                    Kt64 = (gK64 if shared else K64)[kb + t * ktt]
-                    for i in range(C):
-                        p[i] = alpha[t, i] * Kt64[i, y]
-                else:
-                    E = edge[e0 + t * et]
-                    mx = _NEG_INF
-                    for i in range(C):
-                        p[i] = alpha[t, i] + E[i, y]
-                        mx = max(mx, p[i])
-                    for i in range(C):
-                        p[i] = _fexp(p[i] - mx) if mx > _NEG_INF else 0.0
-                y = _draw(p, U[k, b, t])
+                mx = _NEG_INF
+                for i in range(C):
+                    p[i] = alpha8[t, i] if t == L - 1 else alpha8[t, i] + edge[e0 + t * et, i, y]
+                    mx = max(mx, p[i])
+                for i in range(C):
+                    p[i] = _fexp(p[i] - mx) if mx > _NEG_INF else 0.0
+                y = _draw(p, Ub[k, t])
+                lab[k, t] = y
                 if y < 0:
-                    ok = False
+                    lab[k, :] = -1
                     break
-                labels[k, b, t] = y
-            if not ok:
-                for t in range(T):
-                    labels[k, b, t] = -1
 
 
 # ----------------------------------------------------------------------------- NumPy entry points
@@ -756,7 +830,7 @@ def log_partition(node, edge, lengths=None, threads: int = 1) -> np.ndarray:
     node, lengths, (e3, eb, et, gK32, gK64, gemax, g_er, g_fin, f32) = _prepare(node, edge, lengths)
     B, T, C = node.shape
     logz = np.empty(B)
-    dummy_mu = np.empty((0, 0, 0), node.dtype)
+    dummy_mu = np.empty((B, 0, 0), node.dtype)  # indexed per instance, never written
     dummy_e = np.empty((0, 0, 0), node.dtype)
     w = np.ones(B)
     run_chunks(

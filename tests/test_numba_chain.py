@@ -145,11 +145,11 @@ def test_wide_finite_scores_no_nan():
         close(emu[b], bemu, 1e-12)
 
 
-def test_float32_kernel_bound():
-    """float32 edges with range > 80 keep exp(edge − max) in float64; R > 300 takes the log path."""
+def test_float32_bound():
+    """float32 inputs: float32 arithmetic for R ≤ 32, float64 probability space up to 300, then log space."""
     node, edge = make(B=3, T=4, C=3, seed=3, dtype=F32)
-    edge[1] *= 60.0  # range ~ 200: float64 kernel, still probability space
-    edge[2] *= 200.0  # range > 300: log space
+    edge[1] *= 60.0  # R ~ 200: float64, still probability space
+    edge[2] *= 200.0  # R > 300: log space
     p = nc.paths(node.numpy(), edge.numpy())
     assert p.tolist() == [nc.PATH_EXP32, nc.PATH_EXP64, nc.PATH_LOG]
     A, mu, emu = ours(node, edge, None)
