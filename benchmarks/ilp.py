@@ -1,14 +1,15 @@
 """The ``ilp`` solver against plain OR-Tools scripts doing the same solves.
 
-Run:  python benchmarks/ilp.py            (full)
+Run:  python benchmarks/ilp.py            (full, about a minute on a quiet machine)
       python benchmarks/ilp.py --quick    (smoke run, seconds)
+      python -m benchmarks --only ilp     (in the project's suite)
 
-Every row compares ``ilp.map`` with a peer doing the same solve and reports
-ratio = peer time ÷ our time ("× faster"; above 1 we are faster).  Torch at one
-thread; all contenders in one process; interleaved: one call of each per round, the
-order rotated; a fresh θ ~ N(0, 1) per round shared by the contenders of that round;
-medians over rounds.  Before timing, the contenders are checked to reach the same
-objective value.  The peers use the same integer scaling of θ as the solver
+Every row compares ``ilp.map`` with a peer doing the same solve; ratio = peer time ÷
+our time ("× faster"; above 1 we are faster), the convention of benchmarks/_common.py.
+Torch at one thread; all contenders in one process; interleaved (one call of each
+per round, the order rotated; in round r every contender gets the same θ, drawn
+ahead); medians over rounds.  Before timing, the contenders are checked to reach
+the same objective values.  The peers use the solver's integer scaling of θ
 (round(θ·2^(30−k)), max|θ| = f·2^k), so they solve the same problem.
 
 * shortest path on a 5×5 grid (3×3 with ``--quick``) written as flow rows: 40 edge
@@ -19,18 +20,17 @@ objective value.  The peers use the same integer scaling of θ as the solver
       flows as a tensor); target: ratio ≥ 0.5 (one instance per call ≤ 2× its time);
     - ``ilp`` vs a plain GLOP script (``pywraplp``, model built once, the objective
       set per call, solved, values read) and ``ilp method="lp-first"`` vs the same;
-    - a batch of 32 in one ``map`` call vs 32 calls of the plain min-cost-flow
-      script; target: ratio ≥ 1/1.2 (≤ 1.2× its time per instance); the case names
+    - a batch of 32 (8) in one ``map`` call vs as many calls of the plain
+      min-cost-flow script, time per instance; target: ratio ≥ 1/1.2; the case names
       CPU time ÷ wall time of the batch call (≈ the number of busy cores).
-* knapsack: n = 200, 20 rows (40 and 6 with ``--quick``) with weights U{1..100},
-  capacity half of each row's total: ``ilp`` (CP-SAT) vs a plain CP-SAT script building its model per call, and
-  vs one keeping its model and replacing the objective (the floor for any wrapper).
+* knapsack: n = 200, 20 rows (40 and 6 with ``--quick``), weights U{1..100},
+  capacity half of each row's total: ``ilp`` (CP-SAT) vs a plain CP-SAT script
+  building its model per call, and vs one keeping its model and replacing the
+  objective (the floor for any wrapper); then a batch of 32 (8) in one call with
+  ``num_threads=2`` vs the model-reusing script looping over them, with CPU ÷ wall.
 * assignment 30×30 (12×12 with ``--quick``): ``ilp`` (routed to linear sum
   assignment) vs a plain linear-sum-assignment script and a plain CP-SAT script;
   ``ilp method="cp-sat"`` vs the plain CP-SAT script.
-* batch: 32 knapsack instances (8 with ``--quick``) in one ``map`` call with
-  ``num_threads=2`` vs the model-reusing CP-SAT script looping over them; the case
-  names CPU time ÷ wall time of our call.
 
 Timings on a shared machine are noisy; the medians and interleaving only damp it.
 """
@@ -39,31 +39,32 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-import structgrad as sg
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import structgrad as sg  # noqa: E402
+from benchmarks._common import interleaved, machine, markdown, row, setup  # noqa: E402
 
 BITS = 30
 
 
 # ----------------------------------------------------------------------------- timing
-def interleaved(fns: dict[str, Callable], thetas: list) -> dict[str, float]:
-    """Median seconds per call of each function; round r calls each on thetas[r], order rotated."""
-    names = list(fns)
-    for name in names:  # warm-up
-        fns[name](thetas[0])
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r, th in enumerate(thetas):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[name](th)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in times.items()}
+def race(fns: dict[str, Callable], thetas: list, rounds: int) -> dict[str, float]:
+    """Median seconds per call, interleaved (benchmarks._common.interleaved); in round r
+    every contender gets thetas[r % len(thetas)], so the same θ within a round."""
+    def feed(fn: Callable) -> Callable[[], object]:
+        count = iter(range(10**9))
+        return lambda: fn(thetas[next(count) % len(thetas)])
+
+    return interleaved({k: feed(f) for k, f in fns.items()}, rounds)
 
 
 def cpu_per_wall(fn: Callable, theta: torch.Tensor, repeats: int) -> float:
@@ -71,11 +72,6 @@ def cpu_per_wall(fn: Callable, theta: torch.Tensor, repeats: int) -> float:
     for _ in range(repeats):
         fn(theta)
     return (time.process_time() - c0) / (time.perf_counter() - t0)
-
-
-def row(benchmark: str, case: str, ours: float, peer: str, peer_s: float) -> dict:
-    return {"benchmark": benchmark, "case": case, "ours_ms": ours * 1e3, "peer": peer,
-            "peer_ms": peer_s * 1e3, "ratio": peer_s / ours}
 
 
 def scaled(theta: np.ndarray) -> np.ndarray:
@@ -216,8 +212,8 @@ def plain_assignment(k: int):
 
 # ----------------------------------------------------------------------------- benchmarks
 def run(quick: bool = False, rounds: int | None = None, batch: int | None = None, seed: int = 0) -> list[dict]:
-    """Run every comparison; returns rows {benchmark, case, ours_ms, peer, peer_ms, ratio}."""
-    torch.set_num_threads(1)
+    """Run every comparison; returns rows (benchmarks._common.row: ratio = peer ÷ ours)."""
+    setup("cpu")
     rounds = rounds or (5 if quick else 201)
     batch = batch or (8 if quick else 32)
     rng = np.random.default_rng(seed)
@@ -228,76 +224,70 @@ def run(quick: bool = False, rounds: int | None = None, batch: int | None = None
     k = 3 if quick else 5
     tails, heads, A_eq, b_eq = grid_flow(k)
     n = A_eq.shape[1]
-    name = f"shortest path {k}x{k} grid (flow rows, n={n})"
+    case = f"shortest path {k}x{k} grid as flow rows (n={n})"
     ilp = sg.get_solver("ilp", A_eq=A_eq, b_eq=b_eq)
     lp = sg.get_solver("ilp", A_eq=A_eq, b_eq=b_eq, method="lp-first")
     mcf = plain_min_cost_flow(tails, heads, b_eq)
     glop = plain_glop(A_eq, b_eq)
     fns = {"ours": ilp.map, "lp": lp.map, "mcf": mcf, "glop": glop}
-    thetas = [-torch.rand(n, generator=gen, dtype=torch.float64) for _ in range(rounds)]
+    thetas = [-torch.rand(n, generator=gen, dtype=torch.float64) for _ in range(64)]
     check_same_value(fns, thetas[0])
-    med = interleaved(fns, thetas)
-    rows.append(row(name, f"one instance per call ({ilp.method})", med["ours"], "plain min-cost-flow script", med["mcf"]))
-    rows.append(row(name, f"one instance per call ({ilp.method})", med["ours"], "plain GLOP script", med["glop"]))
-    rows.append(row(name, 'one instance per call (method="lp-first")', med["lp"], "plain GLOP script", med["glop"]))
-    brounds = max(3, rounds // 10)
-    thetas = [-torch.rand(batch, n, generator=gen, dtype=torch.float64) for _ in range(brounds)]
+    med = race(fns, thetas, rounds)
+    ours = f"ilp.map ({ilp.method})"
+    rows.append(row("ilp", f"{case}, one instance per call", ours, med["ours"], "plain min-cost-flow script", med["mcf"]))
+    rows.append(row("ilp", f"{case}, one instance per call", ours, med["ours"], "plain GLOP script", med["glop"]))
+    rows.append(row("ilp", f"{case}, one instance per call", 'ilp.map (method="lp-first")', med["lp"], "plain GLOP script", med["glop"]))
+    thetas = [-torch.rand(batch, n, generator=gen, dtype=torch.float64) for _ in range(8)]
     loop = lambda th: [mcf(t) for t in th]  # noqa: E731
     check_same_value({"ours": ilp.map, "loop": lambda th: torch.stack(loop(th))}, thetas[0])
-    med = interleaved({"ours": ilp.map, "loop": loop}, thetas)
+    med = race({"ours": ilp.map, "loop": loop}, thetas, max(3, rounds // 10))
     cw = cpu_per_wall(ilp.map, thetas[0], 3 if quick else 30)
-    rows.append(row(name, f"batch of {batch} in one call, per instance (cpu/wall {cw:.2f})", med["ours"] / batch,
-                    "plain min-cost-flow script, per instance", med["loop"] / batch))
+    rows.append(row("ilp", f"{case}, batch of {batch} in one call, time per instance (cpu/wall {cw:.2f})", ours,
+                    med["ours"] / batch, "plain min-cost-flow script", med["loop"] / batch, cpu_per_wall=cw))
 
     # ---------------------------------------------------------------- knapsack
     n, m = (40, 6) if quick else (200, 20)
     A = rng.integers(1, 101, size=(m, n))
     b = A.sum(1) // 2
-    name = f"knapsack n={n}, m={m}"
+    case = f"knapsack n={n}, m={m}"
     ilp = sg.get_solver("ilp", A=A, b=b)
     fns = {"ours": ilp.map, "plain": plain_cpsat(A, b), "reused": plain_cpsat_reused(A, b)}
-    krounds = max(3, rounds // 10)
-    thetas = [torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(krounds)]
+    thetas = [torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(16)]
     check_same_value(fns, thetas[0])
-    med = interleaved(fns, thetas)
-    rows.append(row(name, f"one instance per call ({ilp.method})", med["ours"], "plain CP-SAT script", med["plain"]))
-    rows.append(row(name, f"one instance per call ({ilp.method})", med["ours"], "plain CP-SAT, model reused", med["reused"]))
+    med = race(fns, thetas, max(3, rounds // 10))
+    ours = f"ilp.map ({ilp.method})"
+    rows.append(row("ilp", f"{case}, one instance per call", ours, med["ours"], "plain CP-SAT script", med["plain"]))
+    rows.append(row("ilp", f"{case}, one instance per call", ours, med["ours"], "plain CP-SAT, model reused", med["reused"]))
+
+    # ---------------------------------------------------------------- batch on threads
+    kb = 8 if quick else 32
+    par = sg.get_solver("ilp", A=A, b=b, num_threads=2)
+    reused = plain_cpsat_reused(A, b)
+    thetas = [torch.randn(kb, n, generator=gen, dtype=torch.float64) for _ in range(4)]
+    check_same_value({"ours": par.map, "reused": reused}, thetas[0])
+    med = race({"ours": par.map, "reused": reused}, thetas, max(3, rounds // 40))
+    cw = cpu_per_wall(par.map, thetas[0], 1 if quick else 3)
+    rows.append(row("ilp", f"{case}, batch of {kb} in one call (cpu/wall {cw:.2f})", "ilp.map (cp-sat, num_threads=2)",
+                    med["ours"], "plain CP-SAT, model reused, a loop", med["reused"], cpu_per_wall=cw))
 
     # ---------------------------------------------------------------- assignment
     k = 12 if quick else 30
     rws = np.kron(np.eye(k, dtype=np.int64), np.ones((1, k), dtype=np.int64))
     cols = np.kron(np.ones((1, k), dtype=np.int64), np.eye(k, dtype=np.int64))
     A_eq, b_eq = np.concatenate([rws, cols]), np.ones(2 * k, dtype=np.int64)
-    name = f"assignment {k}x{k}"
+    case = f"assignment {k}x{k}"
     auto = sg.get_solver("ilp", A_eq=A_eq, b_eq=b_eq)
     forced = sg.get_solver("ilp", A_eq=A_eq, b_eq=b_eq, method="cp-sat")
     cpsat_eq = plain_cpsat(np.concatenate([A_eq, -A_eq]), np.concatenate([b_eq, -b_eq]))
     fns = {"auto": auto.map, "forced": forced.map, "lsa": plain_assignment(k), "cpsat": cpsat_eq}
-    thetas = [torch.randn(k * k, generator=gen, dtype=torch.float64) for _ in range(max(3, rounds // 30))]
+    thetas = [torch.randn(k * k, generator=gen, dtype=torch.float64) for _ in range(8)]
     check_same_value(fns, thetas[0])
-    med = interleaved(fns, thetas)
-    rows.append(row(name, f"one instance per call ({auto.method})", med["auto"], "plain linear-sum-assignment script", med["lsa"]))
-    rows.append(row(name, f"one instance per call ({auto.method})", med["auto"], "plain CP-SAT script", med["cpsat"]))
-    rows.append(row(name, 'one instance per call (method="cp-sat")', med["forced"], "plain CP-SAT script", med["cpsat"]))
-
-    # ---------------------------------------------------------------- batch on threads
-    kb = 8 if quick else 32
-    par = sg.get_solver("ilp", A=A, b=b, num_threads=2)
-    reused = plain_cpsat_reused(A, b)
-    thetas = [torch.randn(kb, A.shape[1], generator=gen, dtype=torch.float64) for _ in range(max(3, rounds // 40))]
-    check_same_value({"ours": par.map, "reused": reused}, thetas[0])
-    med = interleaved({"ours": par.map, "reused": reused}, thetas)
-    cw = cpu_per_wall(par.map, thetas[0], 1 if quick else 3)
-    rows.append(row(f"knapsack n={A.shape[1]}, m={A.shape[0]}", f"batch of {kb}, num_threads=2 (cpu/wall {cw:.2f})",
-                    med["ours"], "plain CP-SAT, model reused, a loop", med["reused"]))
+    med = race(fns, thetas, max(3, rounds // 30))
+    ours = f"ilp.map ({auto.method})"
+    rows.append(row("ilp", f"{case}, one instance per call", ours, med["auto"], "plain linear-sum-assignment script", med["lsa"]))
+    rows.append(row("ilp", f"{case}, one instance per call", ours, med["auto"], "plain CP-SAT script", med["cpsat"]))
+    rows.append(row("ilp", f"{case}, one instance per call", 'ilp.map (method="cp-sat")', med["forced"], "plain CP-SAT script", med["cpsat"]))
     return rows
-
-
-def markdown(rows: list[dict]) -> str:
-    out = ["| benchmark | case | ours (ms) | peer | peer (ms) | ratio (peer ÷ ours) |", "|---|---|---:|---|---:|---:|"]
-    for r in rows:
-        out.append(f"| {r['benchmark']} | {r['case']} | {r['ours_ms']:.3f} | {r['peer']} | {r['peer_ms']:.3f} | {r['ratio']:.2f} |")
-    return "\n".join(out)
 
 
 def main(argv=None) -> None:
@@ -308,8 +298,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"ortools {__import__('ortools').__version__}, torch {torch.__version__}, cores available {cores}, "
-          f"load average {os.getloadavg()[0]:.2f}\n")
+    print(f"Measured {machine()}; ortools {__import__('ortools').__version__}; cores available to this process {cores}; "
+          f"load average {os.getloadavg()[0]:.2f}.\n")
     print(markdown(run(args.quick, args.rounds, args.batch, args.seed)))
 
 

@@ -24,7 +24,7 @@ from structgrad.errors import (
     ShapeError,
     SolverTimeoutError,
 )
-from structgrad.testing import Case, binary_structures, check_solver
+from structgrad.testing import Case, check_solver
 
 NEG, POS = float("-inf"), float("inf")
 SCORE_POLICY = r"theta: expected scores that are finite or -inf \(impossible\), got"
