@@ -25,6 +25,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -96,7 +97,9 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
         med = interleaved({"ours": ours, "peer": peer}, rounds, warmup=2, budget=5.0 if quick else 30.0)
         rows.append(row("imle", f"ksubset n={n}, k={k}, B={B}, S={S} ({device})", "imle fwd+bwd", med["ours"],
                         "2 bare map calls", med["peer"]))
-    if device == "cpu":
+    if device == "cpu" and importlib.util.find_spec("ortools") is None:
+        print("[imle] ortools is not installed: the ilp case is skipped")
+    elif device == "cpu":
         n, B, S = (12, 2, 2) if quick else (40, 8, 2)
         # real-valued weights in [1, 10), two decimals (ilp reads them as exact fractions)
         weights = torch.round((torch.rand(n, generator=g, dtype=torch.float64) * 9.0 + 1.0) * 100) / 100
