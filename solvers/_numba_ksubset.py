@@ -133,8 +133,10 @@ def sample_sequential(theta: np.ndarray, k: int, alpha: np.ndarray, log_u: np.nd
     """Backward sequential sampling from the prefix table.
 
     Going i = n, ..., 1 with r elements still to choose, element i is chosen with
-    probability ``exp(θ_i + α[i-1, r-1] − α[i, r])`` (forced when r = i), i.e. when
-    ``log_u[b, s, i-1]`` is below that log-probability.  ``out`` ``(B, S, n)`` uint8
+    probability σ(d), d = θ_i + α[i-1, r-1] − α[i-1, r] (forced when r = i), i.e. when
+    ``log_u[b, s, i-1]`` is below log σ(d).  (A local difference: the two choices'
+    probabilities sum to 1 whatever the rounding of the cells, which the equal
+    exp(θ_i + α[i-1, r-1] − α[i, r]) does not guarantee for |θ| ~ 1e30.)  ``out`` ``(B, S, n)`` uint8
     receives the samples; infeasible instances (α[n, k] = -inf) get zeros.
     """
     B, n = theta.shape
@@ -152,10 +154,18 @@ def sample_sequential(theta: np.ndarray, k: int, alpha: np.ndarray, log_u: np.nd
                     if r >= i:
                         pick = 1
                     else:
-                        den = a[i, r]
-                        if den != _NEG_INF:
-                            logp = theta[b, i - 1] + a[i - 1, r - 1] - den
-                            if log_u[b, s, i - 1] < logp:
-                                pick = 1
+                        y = theta[b, i - 1] + a[i - 1, r - 1]
+                        x = a[i - 1, r]
+                        if y != _NEG_INF:
+                            if x == _NEG_INF:
+                                pick = 1  # the remaining r must include i
+                            else:
+                                d = y - x
+                                if d >= 0.0:
+                                    logp = -math.log1p(math.exp(-d))
+                                else:
+                                    logp = d - math.log1p(math.exp(d))
+                                if log_u[b, s, i - 1] < logp:
+                                    pick = 1
                 out[b, s, i - 1] = pick
                 r -= pick

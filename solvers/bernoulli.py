@@ -2,8 +2,9 @@
 
 θ ``(*b, n)``; A(θ) = Σ_i softplus(θ_i) = Σ_i log(1 + e^{θ_i}); μ = σ(θ);
 MAP = [θ > 0] (ties θ = 0 go to 0); samples z_i = [U_i < σ(θ_i)].
-``-inf`` forces a bit to 0 and ``+inf`` to 1.  This is the conditional p(h | v)
-of an RBM's hidden layer.
+``-inf`` forces a bit to 0 (``+inf``, which would force it to 1, is refused like
+NaN by the shared score check).  n = 0 is the one empty vector: A = 0.  This is
+the conditional p(h | v) of an RBM's hidden layer.
 
 Example:
     >>> import torch, structgrad as sg
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 
 from structgrad.solver import Capabilities, Solver
 
+from .categorical import _check_one_tensor
+
 __all__ = ["BernoulliSolver"]
 
 
@@ -28,6 +31,11 @@ class BernoulliSolver(Solver):
         map="exact", marginals="exact", log_partition="exact", sample="exact", differentiable_marginals=True
     )
     event_ndim = 1
+
+    def check_theta(self, theta):
+        """One floating tensor ``(*b, n)`` (a tuple of tensors is a ShapeError); see :meth:`Solver.check_theta`."""
+        _check_one_tensor(theta, self._label())
+        return super().check_theta(theta)
 
     def _map(self, theta: torch.Tensor) -> torch.Tensor:
         return (theta.detach() > 0).to(theta.dtype)

@@ -3,6 +3,9 @@
 θ ``(*b, n)``; 𝒵 = {e_1, ..., e_n}; A(θ) = logsumexp θ; μ = softmax θ;
 MAP = one-hot argmax (ties: lowest index); samples by Gumbel-max.
 Rows of all ``-inf`` have no feasible outcome: A = -inf, and μ, MAP and samples are 0.
+So has n = 0 (θ of shape ``(*b, 0)``): A = -inf (gradient: empty), and μ, MAP and
+samples are empty, ``(*b, 0)`` and ``(S, *b, 0)``.  θ is one tensor: a tuple of
+tensors is a ShapeError.
 
 Example:
     >>> import torch, structgrad as sg
@@ -16,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from structgrad.errors import ShapeError
 from structgrad.logspace import gumbel_argmax, logsumexp, softmax
 from structgrad.solver import Capabilities, Solver
 
@@ -23,9 +27,21 @@ __all__ = ["CategoricalSolver"]
 
 
 def _one_hot(idx: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """One-hot of ``idx`` (``-1`` gives an all-zero row)."""
+    """One-hot of ``idx`` (``-1`` gives an all-zero row; n = 0 gives empty rows)."""
+    if n == 0:
+        return torch.zeros(tuple(idx.shape) + (0,), dtype=dtype, device=idx.device)
     oh = F.one_hot(idx.clamp(min=0), n).to(dtype)
     return oh * (idx >= 0).unsqueeze(-1).to(dtype)
+
+
+def _check_one_tensor(theta, solver: str) -> None:
+    """Refuse a tuple/list of tensors for a solver whose θ is one tensor ``(*b, n)``
+    (a list of numbers is left to :meth:`Solver.check_theta`: a DTypeError)."""
+    if isinstance(theta, (tuple, list)) and theta and all(isinstance(p, torch.Tensor) for p in theta):
+        raise ShapeError(
+            f"theta: expected one tensor of shape (*batch, n) for solver {solver}, got a {type(theta).__name__} "
+            f"of {len(theta)} tensor{'' if len(theta) == 1 else 's'}"
+        )
 
 
 class CategoricalSolver(Solver):
@@ -39,7 +55,14 @@ class CategoricalSolver(Solver):
     )
     event_ndim = 1
 
+    def check_theta(self, theta):
+        """One floating tensor ``(*b, n)`` (a tuple of tensors is a ShapeError); see :meth:`Solver.check_theta`."""
+        _check_one_tensor(theta, self._label())
+        return super().check_theta(theta)
+
     def _map(self, theta: torch.Tensor) -> torch.Tensor:
+        if theta.shape[-1] == 0:
+            return torch.zeros_like(theta.detach())
         idx = theta.detach().argmax(dim=-1)
         dead = torch.isneginf(theta.detach()).all(dim=-1)
         idx = torch.where(dead, torch.full_like(idx, -1), idx)

@@ -24,9 +24,13 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from . import checks as V
 from .checks import finite_or_zero as _finite_or_zero
+from .errors import DeviceError, DomainError, ShapeError
 
 __all__ = [
     "logsumexp",
@@ -40,9 +44,7 @@ __all__ = [
     "safe_dot",
 ]
 
-_NEG_INF = float("-inf")
-
-
+_NEG_INF = V.NEG_INF
 
 
 class _LogSumExp(torch.autograd.Function):
@@ -84,13 +86,17 @@ def logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Te
         dim: reduction dimension.
         keepdim: keep the reduced dimension (size 1).
     Returns:
-        ``x`` reduced along ``dim``; ``-inf`` where every entry is ``-inf``, in which
-        case the gradient is 0 (not NaN).  Gradient: ``softmax(x, dim)``.
+        ``x`` reduced along ``dim``; ``-inf`` where every entry is ``-inf`` (or ``dim``
+        is empty), in which case the gradient is 0 (not NaN).  Gradient:
+        ``softmax(x, dim)``; its own derivative (double backward) is the covariance
+        ``diag(μ) − μμᵀ``, μ = softmax(x, dim), with or without ``keepdim``.
     """
     dim = dim % x.dim() if x.dim() else 0
     if x.dim() == 0:
         return x.clone()
-    if not _needs_grad(x):  # torch's forward is already NaN-free; only its backward is not
+    if not _needs_grad(x) or x.shape[dim] == 0:
+        # torch's forward is NaN-free (an empty reduction gives -inf, with an empty,
+        # hence NaN-free, gradient); only its backward on all -inf rows is not
         return torch.logsumexp(x, dim, keepdim)
     return _LogSumExp.apply(x, dim, keepdim)
 
@@ -162,6 +168,8 @@ def gumbel_argmax(
     """
     dim = dim % logits.dim()
     logits = logits.movedim(dim, -1).detach()
+    if logits.shape[-1] == 0:  # no outcome at all: nothing can be drawn
+        return torch.full((num_samples,) + tuple(logits.shape[:-1]), -1, dtype=torch.long, device=logits.device)
     g = sample_gumbel((num_samples,) + tuple(logits.shape), dtype=logits.dtype, device=logits.device, generator=generator)
     idx = (logits.unsqueeze(0) + g).argmax(dim=-1)
     dead = torch.isneginf(logits).all(dim=-1)
@@ -182,24 +190,61 @@ def multinomial_counts(
     ones masked out, so the result is exact.
 
     Args:
-        logits: ``(*b, n)`` log-weights (``-inf`` allowed; a row of all ``-inf`` needs total 0).
-        totals: ``(*b,)`` non-negative integer trial counts.
+        logits: ``(*b, n)`` floating log-weights (``-inf`` allowed: an impossible
+            outcome; NaN and ``+inf`` are refused).
+        totals: ``(*b,)`` an integer tensor (any integer dtype) of trial counts >= 0;
+            a row whose logits are all ``-inf`` (or with n = 0) can only have total 0.
+        generator: a ``torch.Generator`` on logits' device.
     Returns:
         ``(*b, n)`` counts in logits' dtype, each row summing to its total.
-    Complexity: O(B·max(totals)) time and memory beyond the output.
+    Raises:
+        DTypeError: logits not floating, totals not an integer tensor (e.g. 2.5).
+        ShapeError: totals' shape is not logits' batch shape.
+        DomainError: a negative total, NaN or ``+inf`` in logits, or a positive total
+            for a row with no possible outcome.
+    Complexity: O(B·max(totals)) time and memory beyond the output; one host
+    synchronisation (two when something is wrong, to write the message).
+    Example:
+        >>> import torch
+        >>> from structgrad.logspace import multinomial_counts
+        >>> c = multinomial_counts(torch.zeros(2, 3), torch.tensor([4, 0]), generator=torch.Generator().manual_seed(0))
+        >>> c.sum(-1)
+        tensor([4., 0.])
     """
+    V.check_float_tensor(logits, "logits")
+    if logits.dim() == 0:
+        raise ShapeError("logits: expected shape (*batch, n), got a 0-dim tensor")
+    V.check_index_tensor(totals, "totals")
+    V.check_shape(totals, logits.shape[:-1], "totals", "(the batch shape of logits)")
+    if totals.device != logits.device:
+        raise DeviceError(f"totals is on device {totals.device} but logits is on {logits.device}")
+    V.check_generator(generator, logits.device)
     *batch, n = logits.shape
-    flat = logits.detach().reshape(-1, n)
+    flat = logits.detach().reshape(math.prod(batch), n)
     tot = totals.reshape(-1).to(torch.long)
     out = torch.zeros(flat.shape, dtype=logits.dtype, device=logits.device)
-    m = int(tot.max()) if tot.numel() else 0
+    if tot.numel() == 0:
+        return out.reshape(logits.shape)
+    probs = softmax(flat, -1) if n else flat.new_zeros(flat.shape)
+    dead = ~(probs.sum(-1) > 0)  # all -inf (or NaN) rows
+    bad = (torch.isnan(flat) | torch.isposinf(flat)).any()
+    lo, m, n_bad, stuck = torch.stack((tot.min(), tot.max(), bad.long(), (dead & (tot > 0)).any().long())).tolist()
+    if n_bad:
+        V.check_scores(logits, "logits")
+    if lo < 0:
+        raise DomainError(f"totals: expected trial counts >= 0, got a minimum of {lo}")
+    if stuck:
+        r = int((dead & (tot > 0)).nonzero()[0])
+        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(r), tuple(batch))) if batch else ()
+        raise DomainError(
+            f"totals: row {where} asks for {int(tot[r])} draws but its logits are all -inf "
+            f"(no possible outcome); expected total 0 there"
+        )
     if m == 0:
         return out.reshape(logits.shape)
-    probs = softmax(flat, -1)
-    dead = probs.sum(-1) <= 0
-    probs = torch.where(dead.unsqueeze(-1), torch.ones_like(probs), probs)  # masked out below
+    probs = torch.where(dead.unsqueeze(-1), torch.ones_like(probs), probs)  # total 0 there: masked out below
     idx = torch.multinomial(probs, m, replacement=True, generator=generator)  # (R, m)
-    keep = (torch.arange(m, device=logits.device).unsqueeze(0) < tot.unsqueeze(1)) & ~dead.unsqueeze(1)
+    keep = torch.arange(m, device=logits.device).unsqueeze(0) < tot.unsqueeze(1)
     out.scatter_add_(1, idx, keep.to(logits.dtype))
     return out.reshape(logits.shape)
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import structgrad as sg
 from structgrad.errors import DeviceError, DomainError, DTypeError, ShapeError
 from structgrad.testing import BruteForce, Case, check_solver, subset_structures
+from structgrad.solvers import _ksubset_sampling as kss
 from structgrad.solvers import ksubset as ks
 from structgrad.solvers.ksubset import KSubsetSolver
 
@@ -386,22 +387,22 @@ def test_sample_means_large_n(sampler, backend):
 
 def test_rejection_fallback_is_exact(monkeypatch):
     """Rejection that runs out of rounds leaves slots to the sequential sampler: still exact (χ²)."""
-    monkeypatch.setattr(ks, "_MAX_ROUNDS", 1)
-    monkeypatch.setattr(ks, "_ROUND_ELEMENTS", 7 * 200)  # 200 candidates per round: most slots go sequential
+    monkeypatch.setattr(kss, "MAX_ROUNDS", 1)
+    monkeypatch.setattr(kss, "ROUND_ELEMENTS", 7 * 200)  # 200 candidates per round: most slots go sequential
     th = _theta((7,), 31, scale=1.0)
     s = KSubsetSolver(3, sampler="rejection")
     check_solver(s, [Case(th, _enum(3), name="fallback")], num_samples=3000)
     # and the first slots really came from rejection: a partial fill happened
     t, _ = s._flat(th)
-    p, acc = ks._rejection_plan(t, 3, torch.isfinite(t).sum(-1), torch.ones(1, dtype=torch.bool))
-    out, filled = ks._sample_rejection(t, 3, p, acc, torch.ones(1, dtype=torch.bool), 3000, torch.Generator().manual_seed(0))
+    p, acc = kss.rejection_plan(t, 3, torch.isfinite(t).sum(-1), torch.ones(1, dtype=torch.bool))
+    out, filled = kss.sample_rejection(t, 3, p, acc, torch.ones(1, dtype=torch.bool), 3000, torch.Generator().manual_seed(0))
     assert 0 < int(filled[0]) < 3000
     assert torch.equal(out[0, : int(filled[0])].sum(-1), torch.full((int(filled[0]),), 3))
 
 
 def test_rejection_shift_gives_mean_k():
     th = _theta((3, 50), 41, scale=4.0, neg_inf=[(2, slice(0, 20))])
-    c = ks._shift_for_mean(th, 5)
+    c = kss.shift_for_mean(th, 5)
     means = torch.sigmoid(th + c.unsqueeze(-1)).sum(-1)
     assert torch.allclose(means, torch.full((3,), 5.0, dtype=torch.float64), atol=1e-9)
 
@@ -411,8 +412,8 @@ def test_rejection_shift_gives_mean_k():
 def test_acceptance_estimate_close_to_exact(scale, n, k):
     """The local-limit estimate of P(Σz = k) vs the exact exp(A + k c − Σ softplus(θ + c))."""
     t = _theta((4, n), n + k, scale=scale)
-    p, acc = ks._rejection_plan(t, k, torch.full((4,), n), torch.ones(4, dtype=torch.bool))
-    c = ks._shift_for_mean(t, k)
+    p, acc = kss.rejection_plan(t, k, torch.full((4,), n), torch.ones(4, dtype=torch.bool))
+    c = kss.shift_for_mean(t, k)
     exact = torch.exp(KSubsetSolver(k).log_partition(t) + k * c - torch.nn.functional.softplus(t + c[:, None]).sum(-1))
     ratio = acc / exact
     assert bool(((ratio > 0.6) & (ratio < 1.05)).all()), ratio
@@ -422,12 +423,12 @@ def test_auto_sampler_choices():
     """auto: rejection for a small sharp problem, the sequential sampler when acceptance is tiny."""
     s = KSubsetSolver(50)
     t = torch.zeros(32, 1000, dtype=torch.float64)
-    p, acc = ks._rejection_plan(t, 50, torch.full((32,), 1000), torch.ones(32, dtype=torch.bool))
+    p, acc = kss.rejection_plan(t, 50, torch.full((32,), 1000), torch.ones(32, dtype=torch.bool))
     assert 0.04 < float(acc[0]) < 0.08  # ≈ 1/sqrt(2π·47.5)
     cheap_many = s._rejection_is_cheaper(t, acc, torch.ones(32, dtype=torch.bool), 2000)
     assert not bool(cheap_many)
     t1 = _theta((1, 1000), 3, scale=300.0)  # sharp: high acceptance
-    p1, acc1 = ks._rejection_plan(t1, 50, torch.full((1,), 1000), torch.ones(1, dtype=torch.bool))
+    p1, acc1 = kss.rejection_plan(t1, 50, torch.full((1,), 1000), torch.ones(1, dtype=torch.bool))
     assert float(acc1[0]) > 0.3
     assert bool(s._rejection_is_cheaper(t1, acc1, torch.ones(1, dtype=torch.bool), 1))
 
