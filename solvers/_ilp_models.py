@@ -33,7 +33,9 @@ objective (maximised), ``neg (n,)`` bool the variables whose score is −inf (fi
   ILP's, so an integral LP optimum is an ILP optimum) the certificate holds with exact
   duals, and GLOP's float duals miss by far less than 1 at the objective's scale
   (|c_j| < 2^P).  Anything else (fractional, infeasible or uncertified z, an LP status
-  other than optimal) goes to CP-SAT: no unchecked or fractional z is returned.
+  other than optimal; and every instance when P > 52 or a row does not fit float64
+  exactly, since the error bound assumes exact data) goes to CP-SAT: no unchecked or
+  fractional z is returned.
 
 Status codes: :data:`OPTIMAL`, :data:`FEASIBLE` (a time limit stopped CP-SAT with a
 solution), :data:`INFEASIBLE`, :data:`TIMEOUT` (no solution within the limit), :data:`OTHER`.
@@ -328,7 +330,7 @@ class LpFirst:
 
     releases_gil = True
 
-    def __init__(self, system: ConstraintSystem, bounds: Bounds, fallback: CpSat):
+    def __init__(self, system: ConstraintSystem, bounds: Bounds, fallback: CpSat, objective_bits: int = 30):
         from ortools.linear_solver import linear_solver_pb2, pywraplp
 
         self._lp, self._pb = pywraplp, linear_solver_pb2
@@ -338,7 +340,8 @@ class LpFirst:
         self.n = system.n
         keep = np.flatnonzero(~bounds.rows & system.rows.any(1))
         rows, rhs = system.rows[keep], system.rhs[keep]
-        self._exact = bool((np.abs(rows) < 2**53).all() and (np.abs(rhs) < 2**53).all())  # float64 holds them
+        # the certificate's error bound needs the rows and the costs (|c| < 2^objective_bits) exact in float64
+        self._exact = bool((np.abs(rows) < 2**53).all() and (np.abs(rhs) < 2**53).all() and objective_bits <= 52)
         self._M = rows.astype(np.float64)  # (k, n), the structural rows; bound rows are variable bounds
         self._MT = np.ascontiguousarray(self._M.T)
         self._r = rhs.astype(np.float64)

@@ -291,7 +291,7 @@ class ILPSolver(Solver):
                     "and one -1 at most (rule 2 in solvers/_ilp_routing.py); these constraints are not of that form"
                 )
         if backend is None and (want == "lp-first" or (want == "auto" and is_interval(sy, bounds))):
-            backend = M.LpFirst(sy, bounds, cpsat)
+            backend = M.LpFirst(sy, bounds, cpsat, self.objective_bits)
         self._backend = backend or cpsat
         self._cpsat = cpsat
         self.method = {

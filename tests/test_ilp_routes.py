@@ -317,6 +317,14 @@ def test_lp_first_falls_back_when_the_lp_is_fractional():
     assert spy.calls >= 1
 
 
+def test_lp_first_with_more_objective_bits_than_float64_holds_uses_cpsat():
+    A_eq, b_eq = grid_flow(3)
+    s = sg.get_solver("ilp", A_eq=A_eq, b_eq=b_eq, method="lp-first", objective_bits=56)
+    spy = Spy(s)
+    assert_optimal(s, -_theta((2, 12), 10).abs(), feasible_matrix(12, A_eq=A_eq, b_eq=b_eq), A_eq=A_eq, b_eq=b_eq)
+    assert spy.calls == 2  # costs up to 2^56 are not exact in float64: no certificate is attempted
+
+
 def test_lp_certificate_rejects_a_worse_integral_z():
     A_eq, b_eq = grid_flow(3)
     s = sg.get_solver("ilp", A_eq=A_eq, b_eq=b_eq, method="lp-first")
