@@ -190,3 +190,40 @@ def test_tuple_theta_is_a_shape_error(op):
         with pytest.raises(sg.ShapeError, match=r"theta: expected one tensor of shape \(\*batch, n\) for solver 'ksubset'"):
             getattr(s, op)(th)
 
+
+
+@pytest.mark.parametrize("opts", [{"backend": "torch", "sampler": "sequential"}, {"backend": "numba", "sampler": "sequential"}, {"backend": "torch"}], ids=["torch-seq", "numba-seq", "torch-auto"])
+def test_split_tables_pass_the_conformance_suite(monkeypatch, opts):
+    """The split tables at ordinary scores (forced by a threshold of 0): the whole
+    check_solver suite (log Z, marginals, MAP, gradients, gradgradcheck, χ² of samples)."""
+    from structgrad.solvers import ksubset as ks
+    from structgrad.testing import Case, check_solver
+
+    monkeypatch.setattr(ks, "_SPLIT_ABOVE", 0.0)
+    s = _solver(3, opts)
+    g = torch.Generator().manual_seed(3)
+    th = torch.randn(2, 3, 6, generator=g, dtype=torch.float64) * 1.5
+    th[1, 0, 2] = NEG_INF
+    th[0, 1, :4] = NEG_INF  # 2 possible elements < k: infeasible
+    enum = lambda th_i: subset_structures(6, 3)  # noqa: E731
+    t, _ = s._flat(th)
+    assert s._kind(t) == "split"
+    check_solver(s, [Case(th, enum, name="split")], num_samples=1500)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("schedule", ["rows", "columns"])
+def test_cuda_extreme_scores_match_cpu(schedule):
+    for dtype, scale in SCALES:
+        for k in (1, 2, 3):
+            s = sg.get_solver("ksubset", k=k, schedule=schedule)
+            th = _theta(scale, dtype, seed=k)
+            x = th.cuda().requires_grad_(True)
+            A = s.log_partition(x)
+            (g,) = torch.autograd.grad(A.sum(), x, create_graph=True)
+            (h,) = torch.autograd.grad((g * torch.linspace(-1, 1, N, dtype=dtype, device="cuda")).sum(), x)
+            assert A.device.type == "cuda" and torch.isfinite(h).all()
+            torch.testing.assert_close(g.detach().cpu(), s.marginals(th), atol=1e-6 if dtype == torch.float32 else 1e-12, rtol=0)
+            torch.testing.assert_close(A.detach().cpu(), s.log_partition(th))
+            z = s.sample(th.cuda(), 200, generator=torch.Generator(device="cuda").manual_seed(0))
+            assert torch.equal(z.sum(-1).cpu(), torch.full((200, 6), float(k), dtype=dtype))
