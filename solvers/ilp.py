@@ -36,7 +36,9 @@ path is tried on every instance, CP-SAT when it does not certify);
 ``"assignment"``/``"min-cost-flow"`` insist on their rule
 (:class:`~structgrad.errors.DomainError` if it does not hold).  The assignment and
 flow routes hand an instance to CP-SAT when their solver reports a possible cost
-overflow.  The time limits apply to CP-SAT only (the other solvers are polynomial).
+overflow, the assignment route also when its solver reports the instance infeasible
+(a heuristic check that errs on some sparse graphs).  The time limits apply to
+CP-SAT only (the other solvers are polynomial).
 
 Batches.  The models are built once, in ``get_solver``; a call only changes costs
 and fixings.  CP-SAT and GLOP release the GIL, so their batches run on
