@@ -193,13 +193,20 @@ class ILPSolver(Solver):
         θ: ``(*b, n)`` float → ``map``: ``(*b, n)`` in {0, 1}, θ's dtype and device.
 
     Attributes:
-        n: the number of variables.  A, b, A_eq, b_eq: the integer system solved,
-        read-only int64 arrays (empty ``(0, n)``/``(0,)`` when not given); a row given
-        with non-integral coefficients appears multiplied by its ``row_scale``
-        (``row_scale_eq``), ``(m,)``/``(p,)`` int64, 1 for integer rows.  method: the
-        resolved route, ``"assignment"``, ``"min-cost-flow"``, ``"lp-first"`` or
-        ``"cp-sat"``.  time_limit, deterministic_time_limit, num_threads,
-        objective_bits, max_denominator: the options.
+        n: the number of variables.
+        A: ``(m, n)`` the "≤" rows solved, a read-only int64 array (``(0, n)`` when not
+            given); a row given with non-integral coefficients appears multiplied by its
+            ``row_scale``.
+        b: ``(m,)`` their right-hand sides, likewise.
+        A_eq: ``(p, n)`` the equality rows solved, likewise.
+        b_eq: ``(p,)`` their right-hand sides.
+        row_scale: ``(m,)`` int64, the factor each row of ``A`` was multiplied by (1 for
+            integer rows).
+        row_scale_eq: ``(p,)`` int64, likewise for ``A_eq``.
+        method: the resolved route, ``"assignment"``, ``"min-cost-flow"``,
+            ``"lp-first"`` or ``"cp-sat"``.
+        time_limit: the option, as are ``deterministic_time_limit``, ``num_threads``,
+            ``objective_bits`` and ``max_denominator``.
 
     Raises (at construction):
         ShapeError: A/b/A_eq/b_eq of the wrong shape, or only one of a pair given.
