@@ -105,6 +105,7 @@ class Noise:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:  # pragma: no cover - abstract
+        """``shape`` i.i.d. draws from ``generator`` (on ``device``), of ``dtype``."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -118,6 +119,7 @@ class GumbelNoise(Noise):
     (the Gumbel-max trick); over other structures an approximate one."""
 
     def sample(self, shape, generator=None, *, dtype=torch.float32, device=None):
+        """``shape`` Gumbel(0, 1) draws, −log(−log U) with U from ``generator`` (half precision: drawn in float32)."""
         wd = _work_dtype(dtype)
         eps = sample_gumbel(tuple(shape), dtype=wd, device=torch.device(device or "cpu"), generator=generator)
         return eps if wd == dtype else eps.to(dtype)
@@ -131,6 +133,7 @@ class NormalNoise(Noise):
     """Standard normal noise N(0, 1); ∇ν(ε) = ε."""
 
     def sample(self, shape, generator=None, *, dtype=torch.float32, device=None):
+        """``shape`` N(0, 1) draws from ``generator`` (half precision: drawn in float32)."""
         wd = _work_dtype(dtype)
         eps = torch.randn(tuple(shape), dtype=wd, device=torch.device(device or "cpu"), generator=generator)
         return eps if wd == dtype else eps.to(dtype)
@@ -160,6 +163,7 @@ class SumOfGammaNoise(Noise):
         return f"SumOfGammaNoise(k={self.k}, num_terms={self.num_terms})"
 
     def sample(self, shape, generator=None, *, dtype=torch.float32, device=None):
+        """``shape`` SoG(k, s) draws: Σ_i X_i / i − (log s)/k, X_i ~ Gamma(1/k, 1) (computed in float64)."""
         shape = tuple(shape)
         device = torch.device(device or "cpu")
         k, s = self.k, self.num_terms
