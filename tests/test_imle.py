@@ -325,3 +325,20 @@ def test_bad_input():
         sg.imle(th, KS, lengths=torch.tensor([5, 5]))
     with pytest.raises(sg.ShapeError, match="lengths"):
         sg.imle((_theta(2, 5, 3), _theta(3, 3)), "chain", lengths=torch.tensor([5, 5, 5]))
+
+
+def test_tree_shared_edge_zero_noise_formula():
+    """tree: a shared (E, C, C) edge becomes the per-instance (S, *b, E, C, C) edge (no hook needed)."""
+    import networkx as nx
+
+    tree = sg.get_solver("tree", graph=nx.Graph([(0, 1), (1, 2), (1, 3)]))
+    node, edge = _theta(2, 4, 3), _theta(3, 3, 3, seed=1)
+    gn, ge = _theta(2, 2, 4, 3, seed=2), _theta(2, 2, 3, 3, 3, seed=3)
+    a = (node.clone().requires_grad_(True), edge.clone().requires_grad_(True))
+    zn, ze = sg.imle(a, tree, samples=2, lam=0.9, noise=None)
+    assert zn.shape == (2, 2, 4, 3) and ze.shape == (2, 2, 3, 3, 3)
+    torch.autograd.backward((zn, ze), (gn, ge))
+    z0n, z0e = tree.map((node, edge))
+    ztn, zte = tree.map((node - 0.9 * gn, edge - 0.9 * ge))
+    assert torch.allclose(a[0].grad, ((z0n - ztn) / 0.9).mean(0), atol=1e-12)
+    assert torch.allclose(a[1].grad, ((z0e - zte) / 0.9).mean(0).sum(0), atol=1e-12)
