@@ -103,7 +103,8 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
         n, B, S = (12, 2, 2) if quick else (40, 8, 2)
         # real-valued weights in [1, 10), two decimals (ilp reads them as exact fractions)
         weights = torch.round((torch.rand(n, generator=g, dtype=torch.float64) * 9.0 + 1.0) * 100) / 100
-        ilp = sg.get_solver("ilp", A=weights.unsqueeze(0), b=weights.sum(-1, keepdim=True) / 2, num_threads=1)
+        ilp = sg.get_solver("ilp", A=weights.unsqueeze(0), b=torch.round(weights.sum(-1, keepdim=True) * 50) / 100,
+                            num_threads=1)
         theta = torch.rand(B, n, generator=g, dtype=torch.float64) * 10.0
         w = -torch.rand(n, generator=g, dtype=torch.float64)
         _check_same(ilp, theta, w, S)
