@@ -342,3 +342,31 @@ def test_tree_shared_edge_zero_noise_formula():
     ztn, zte = tree.map((node - 0.9 * gn, edge - 0.9 * ge))
     assert torch.allclose(a[0].grad, ((z0n - ztn) / 0.9).mean(0), atol=1e-12)
     assert torch.allclose(a[1].grad, ((z0e - zte) / 0.9).mean(0).sum(0), atol=1e-12)
+
+
+def _builtin_cases():
+    import networkx as nx
+
+    th = _theta(2, 5)
+    return [
+        ("categorical", {}, th, {}),
+        ("bernoulli", {}, th, {}),
+        ("ksubset", {"k": 2}, th, {}),
+        ("ilp", {"A": [[1.5, 2.0, 0.5, 1.0, 2.5]], "b": [3.0]}, th, {}),
+        ("chain", {}, (_theta(2, 5, 3), _theta(3, 3, seed=1)), {"lengths": torch.tensor([5, 2])}),
+        ("tree", {"graph": nx.path_graph(4)}, (_theta(2, 4, 3), _theta(2, 3, 3, 3, seed=1)), {}),
+    ]
+
+
+@pytest.mark.parametrize("case", _builtin_cases(), ids=lambda c: c[0])
+def test_every_builtin_solver(case):
+    name, options, theta, kwargs = case
+    solver = sg.get_solver(name, **options)
+    parts = [t.clone().requires_grad_(True) for t in sg.checks.leaves(theta)]
+    th = tuple(parts) if isinstance(theta, tuple) else parts[0]
+    z = sg.imle(th, solver, samples=2, generator=torch.Generator().manual_seed(0), **kwargs)
+    z0 = solver.map(theta, **kwargs)
+    for zi, z0i in zip(sg.checks.leaves(z), sg.checks.leaves(z0)):
+        assert zi.shape == (2,) + tuple(z0i.shape) and zi.dtype == F64
+    torch.autograd.backward(sg.checks.leaves(z), [torch.ones_like(t) for t in sg.checks.leaves(z)])
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in parts)
