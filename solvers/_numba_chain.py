@@ -800,27 +800,25 @@ def _prepare(node, edge, lengths):
     return node, lengths, (e3, eb, et, gK32, gK64, gemax, float(g_er), bool(g_fin), node.dtype == np.float32)
 
 
-def _chunks(B: int, threads: int) -> np.ndarray:
-    """(n, 2) contiguous instance ranges, n = min(threads, B) (at least 1)."""
+def _chunks(B: int, threads: int) -> list[tuple[int, int]]:
+    """``threads`` (at most B, at least 1) contiguous instance ranges of near-equal size."""
     n = max(1, min(int(threads), B))
-    cuts = np.linspace(0, B, n + 1).round().astype(np.int64)
-    return np.stack([cuts[:-1], cuts[1:]], 1)
+    return [(B * c // n, B * (c + 1) // n) for c in range(n)]
 
 
 _POOL: ThreadPoolExecutor | None = None
 
 
-def run_chunks(kernel, B: int, threads: int, args_for) -> None:
-    """Run ``kernel(b0, b1, *args_for(c))`` over ``threads`` contiguous instance ranges:
-    inline for one range, else on a shared thread pool (the kernels release the GIL)."""
+def run_chunks(kernel, chunks: list[tuple[int, int]], args_for) -> None:
+    """Run ``kernel(b0, b1, *args_for(c))`` over the instance ranges ``chunks``: inline for
+    one range, else on a shared thread pool (the kernels release the GIL)."""
     global _POOL
-    chunks = _chunks(B, threads)
     if len(chunks) == 1:
-        kernel(int(chunks[0, 0]), int(chunks[0, 1]), *args_for(0))
+        kernel(chunks[0][0], chunks[0][1], *args_for(0))
         return
     if _POOL is None or _POOL._max_workers < len(chunks):
         _POOL = ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="structgrad-chain")
-    futures = [_POOL.submit(kernel, int(b0), int(b1), *args_for(c)) for c, (b0, b1) in enumerate(chunks)]
+    futures = [_POOL.submit(kernel, b0, b1, *args_for(c)) for c, (b0, b1) in enumerate(chunks)]
     for f in futures:
         f.result()
 
@@ -834,7 +832,7 @@ def log_partition(node, edge, lengths=None, threads: int = 1) -> np.ndarray:
     dummy_e = np.empty((0, 0, 0), node.dtype)
     w = np.ones(B)
     run_chunks(
-        _lpm_range, B, threads,
+        _lpm_range, _chunks(B, threads),
         lambda c: (node, e3, eb, et, lengths, gK32, gK64, gemax, g_er, g_fin, f32, False, w, logz, dummy_mu, dummy_e, 0, 0, 0, False),
     )
     return logz
@@ -855,7 +853,8 @@ def log_partition_and_marginals(node, edge, lengths=None, weight=None, threads: 
     edge_nd = np.ndim(edge)
     w = np.ones(B) if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
     batchless_sum = weight is not None and edge_nd < 4
-    nch = len(_chunks(B, threads))
+    chunks = _chunks(B, threads)
+    nch = len(chunks)
     if edge_nd == 2:  # transition counts
         rows, ob, ot = (1, 0, 0) if batchless_sum else (B, 1, 0)
     elif batchless_sum:
@@ -867,13 +866,12 @@ def log_partition_and_marginals(node, edge, lengths=None, weight=None, threads: 
     emu = (np.zeros if acc else np.empty)((copies * rows, C, C), node.dtype)
     mu = np.empty((B, T, C), node.dtype)
     logz = np.empty(B)
-    chunks = _chunks(B, threads)
-    ebases = np.arange(len(chunks), dtype=np.int64) * (rows if batchless_sum else 0)
+    ebases = [c * rows if batchless_sum else 0 for c in range(nch)]
     args = (node, e3, eb, et, lengths, gK32, gK64, gemax, g_er, g_fin, f32, True, w, logz, mu, emu)
-    if parallel == "prange" and len(chunks) > 1:
-        _lpm_prange(chunks, *args, ebases, ob, ot, acc)
+    if parallel == "prange" and nch > 1:
+        _lpm_prange(np.array(chunks, np.int64), *args, np.array(ebases, np.int64), ob, ot, acc)
     else:
-        run_chunks(_lpm_range, B, threads, lambda c: args + (int(ebases[c]), ob, ot, acc))
+        run_chunks(_lpm_range, chunks, lambda c: args + (ebases[c], ob, ot, acc))
     if copies > 1:
         emu = emu.reshape(copies, rows, C, C).sum(0)
     if edge_nd == 2:
@@ -891,7 +889,7 @@ def viterbi(node, edge, lengths=None, threads: int = 1) -> np.ndarray:
     lengths = np.full(B, T, np.int64) if lengths is None else np.ascontiguousarray(lengths, dtype=np.int64)
     e3, eb, et = _layout(node, np.ascontiguousarray(edge, dtype=node.dtype))
     labels = np.empty((B, T), np.int64)
-    run_chunks(_viterbi_range, B, threads, lambda c: (node, e3, eb, et, lengths, labels))
+    run_chunks(_viterbi_range, _chunks(B, threads), lambda c: (node, e3, eb, et, lengths, labels))
     return labels
 
 
@@ -903,7 +901,7 @@ def sample(node, edge, U, lengths=None, threads: int = 1) -> np.ndarray:
     B, T, C = node.shape
     labels = np.empty((U.shape[0], B, T), np.int64)
     run_chunks(
-        _sample_range, B, threads, lambda c: (node, e3, eb, et, lengths, gK32, gK64, gemax, g_er, g_fin, f32, U, labels)
+        _sample_range, _chunks(B, threads), lambda c: (node, e3, eb, et, lengths, gK32, gK64, gemax, g_er, g_fin, f32, U, labels)
     )
     return labels
 
@@ -940,6 +938,14 @@ def _np(x):
     return x.contiguous().numpy()
 
 
+def _t(x, dtype):
+    """A NumPy result as a tensor of ``dtype`` (no copy when it already is)."""
+    import torch
+
+    t = torch.from_numpy(x)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _np_lengths(lengths, B: int, T: int):
     return None if lengths is None else lengths.detach().to("cpu").reshape(B).numpy().astype(np.int64, copy=False)
 
@@ -949,8 +955,7 @@ def t_log_partition(node, edge, lengths=None, threads: int = 1):
     import torch
 
     B, T, _ = node.shape
-    out = log_partition(_np(node), _np(edge), _np_lengths(lengths, B, T), threads)
-    return torch.from_numpy(out).to(node.dtype)
+    return _t(log_partition(_np(node), _np(edge), _np_lengths(lengths, B, T), threads), node.dtype)
 
 
 def t_log_partition_and_marginals(node, edge, lengths=None, weight=None, threads: int = 1):
@@ -961,7 +966,7 @@ def t_log_partition_and_marginals(node, edge, lengths=None, weight=None, threads
     w = None if weight is None else weight.detach().to(torch.float64).reshape(B).numpy()
     logz, mu, emu = log_partition_and_marginals(_np(node), _np(edge), _np_lengths(lengths, B, T), w, threads)
     dt = node.dtype
-    return torch.from_numpy(logz).to(dt), torch.from_numpy(mu).to(dt), torch.from_numpy(emu).to(dt)
+    return _t(logz, dt), _t(mu, dt), _t(emu, dt)
 
 
 def t_viterbi(node, edge, lengths=None, threads: int = 1):
