@@ -335,20 +335,11 @@ class ILPSolver(Solver):
         return theta
 
     # ------------------------------------------------------------------ public
-    def map(self, theta: Any, **kwargs: Any) -> torch.Tensor:
-        """MAP z = argmax_{z ∈ 𝒵} ⟨z, θ⟩, ``(*b, n)`` in {0, 1}, θ's dtype and device.
-
-        The shared checks run as in every solver (:meth:`check_theta`,
-        :meth:`check_kwargs`, and :meth:`check_values` when ``self.validate``), with
-        one saving: the pass that scales θ to integers finds non-finite scores anyway,
-        so :meth:`check_values` (which refuses NaN and +inf) is called only when θ has
-        one; for finite θ it could not fail.  This matters on the fast routes, where a
-        whole call takes tens of microseconds.
-        """
-        self._require("map")
-        theta = self.check_theta(theta)
-        self.check_kwargs(theta, kwargs)
-        return self._solve(theta)[0]
+    def check_values(self, theta: Any) -> None:
+        """Deferred to the solve: the pass that scales θ to integers finds non-finite
+        scores anyway, so the shared check (:meth:`Solver.check_values`, which refuses NaN
+        and +inf) runs there, and only when θ has one; for finite θ it could not fail.
+        This matters on the fast routes, where a whole call takes tens of microseconds."""
 
     def solve(self, theta: torch.Tensor) -> ILPResult:
         """Solve every instance of θ and report the objective and optimality.
@@ -363,8 +354,7 @@ class ILPSolver(Solver):
             ``optimal (*b,)`` (False only where a time limit stopped CP-SAT early).
         """
         self._require("map")
-        theta = self.check_theta(theta)
-        self.check_kwargs(theta, {})
+        theta, _ = self._prepare(theta, {})
         z, status = self._solve(theta)
         value = safe_dot(z, theta.detach(), 1)
         optimal = torch.tensor([st == M.OPTIMAL for st in status], dtype=torch.bool)
@@ -395,13 +385,13 @@ class ILPSolver(Solver):
         neg = None
         if B and self._infeasible is not None:
             if self.validate:
-                self.check_values(theta)
+                Solver.check_values(self, theta)
             status = [M.INFEASIBLE] * B
             Z = np.zeros((B, n), dtype=np.int64)
         elif B and n:
             c, neg = M.scale_objective(th, self.objective_bits)
             if neg is not None and self.validate:  # a non-finite score: the shared policy decides
-                self.check_values(theta)
+                Solver.check_values(self, theta)
             backend = self._backend
             if B == 1:
                 z0, status[0] = backend.solve(c[0], None if neg is None else neg[0])
