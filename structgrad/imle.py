@@ -46,6 +46,7 @@ class _Run:
 
     __slots__ = (
         "layout", "S", "eps", "sign", "tau", "tau_target", "lam", "alpha", "two_sided", "divide", "reduce", "z",
+        "inputs",
     )
 
 
@@ -89,6 +90,10 @@ class _IMLE(torch.autograd.Function):
             inputs = [torch.add(u, e, alpha=run.sign * run.tau) for u, e in zip(lay.unshared, run.eps)]
         _, z = lay.solve(inputs, S)
         run.z = z
+        # the target αθ + σ(τ′ε − λg) is the forward input − σλg when α = 1 and τ′ = τ
+        run.inputs = inputs if (run.alpha == 1.0 and run.tau_target == run.tau) else None
+        if run.inputs is not None:
+            run.eps = None
         ctx.run = run
         ctx.save_for_backward(*parts)  # version check: θ must not change before backward
         if run.reduce == "mean":
@@ -118,32 +123,43 @@ class _IMLE(torch.autograd.Function):
         gu = lay.unfold(g)
         pieces = []
         for i, (u, d) in enumerate(zip(lay.unshared, gu)):
-            step = lay.broadcast(lam, d) * d if adaptive else d * lam
-            noise = None if run.eps is None else run.eps[i] * run.tau_target
-            base = _scaled(u, run.alpha)
-            minus = -step if noise is None else noise - step
-            if run.two_sided:
-                plus = step if noise is None else noise + step
-                pieces.append(torch.cat([base + sign * plus, base + sign * minus]))
+            if run.inputs is not None:  # θ + στε, reused: one pass less
+                base, noise = run.inputs[i], None
             else:
-                pieces.append(base + sign * minus)
+                base = _scaled(u, run.alpha)
+                noise = None if run.eps is None else run.eps[i]
+            step = lay.broadcast(lam, d) * d if adaptive else None
+            if run.two_sided:
+                step = d * lam if step is None else step
+                plus, minus = torch.add(base, step, alpha=sign), torch.add(base, step, alpha=-sign)
+                if noise is not None:
+                    plus.add_(noise, alpha=sign * run.tau_target)
+                    minus.add_(noise, alpha=sign * run.tau_target)
+                pieces.append(torch.cat([plus, minus]))
+            else:
+                # αθ − σλg + στ′ε, σ = −1 when minimising (module docstring)
+                t = torch.add(base, d, alpha=-sign * lam) if step is None else torch.add(base, step, alpha=-sign)
+                if noise is not None:
+                    t.add_(noise, alpha=sign * run.tau_target)
+                pieces.append(t)
         if run.two_sided:
             _, zz = lay.solve(pieces, 2 * S)
-            diff = [(t[:S] - t[S:]) * 0.5 for t in zz]
+            diff = [t[:S] - t[S:] for t in zz]
+            half = 0.5
         else:
             _, zt = lay.solve(pieces, S)
             diff = [a - b for a, b in zip(run.z, zt)]
+            half = 1.0
         if adaptive:
             run.lam.update(lay.per_instance([(d != 0).to(d.dtype) for d in diff]))
-        if run.divide:
-            if adaptive:
+            if run.divide:
                 safe = torch.where(lam > 0, lam, torch.ones_like(lam))
                 diff = [d / lay.broadcast(safe, d) for d in diff]
-            else:
-                diff = [d / lam for d in diff]
-        out = lay.to_theta(diff)
-        if sign < 0:
-            out = tuple(-t for t in out)
+            scale = sign * half / S
+        else:
+            scale = sign * half / (S * (lam if run.divide else 1.0))
+        # Σ over the samples, then one scaling of the (smaller) result: mean, 1/λ, ½, sign
+        out = tuple(o.mul(scale) if scale != 1.0 else o for o in lay.to_theta(diff, mean=False))
         return (None, *(o if need else None for o, need in zip(out, ctx.needs_input_grad[1:])))
 
 
