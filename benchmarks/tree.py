@@ -15,8 +15,10 @@ round by round with the order rotated, medians):
 
 * ``all-node marginals``: a random labelled tree (``networkx.random_labeled_tree``)
   with N = 200 nodes and C = 5 labels, random Gaussian node and edge scores, one
-  instance, float64.  structgrad: ``tree.marginals(θ)`` (node and edge marginals,
-  one upward and one downward pass).  pgmpy: ``BeliefPropagation.calibrate()`` on the
+  instance, float64.  structgrad, with each backend (``torch``: level-by-level tensor
+  ops; ``numba``: compiled node-by-node loops, single-threaded): ``tree.marginals(θ)``
+  (node and edge marginals, one upward and one downward pass), and
+  ``log_partition(θ).backward()`` (the gradient is the marginals).  pgmpy: ``BeliefPropagation.calibrate()`` on the
   equivalent ``DiscreteMarkovNetwork`` (factors exp(node), exp(edge)), then each node's
   marginal read off a calibrated clique belief; and
   ``BeliefPropagationWithMessagePassing.query(all nodes)`` on the equivalent
@@ -24,7 +26,8 @@ round by round with the order rotated, medians):
   its junction tree (``BeliefPropagation(model)``) is not timed, as structgrad's
   ``get_solver("tree", graph=G)`` is not.
 * structgrad alone: N = 1000, C = 8, B = 16 instances of a random tree, float32 θ:
-  ``marginals``, ``log_partition`` forward + backward, ``map``, ``sample`` (16 draws).
+  ``marginals``, ``log_partition`` forward + backward, ``map``, ``sample`` (16 draws),
+  for each backend on the CPU (the torch backend only on CUDA).
 
 Before timing, every pgmpy marginal is checked against structgrad's (max abs
 difference ≤ 1e-9).  Rows follow :mod:`benchmarks._common` (ratio = peer ÷ structgrad).
@@ -122,20 +125,20 @@ def run(quick: bool = False, rounds: int = 7) -> list[dict]:
     """The suite's entry point: all-node marginals against pgmpy; checks agreement, times, returns rows."""
     N, C = (12, 3) if quick else (200, 5)
     G, theta = problem(N, C, 1, seed=0)
-    tree = sg.get_solver("tree", graph=G)
-    mu = tree.marginals(theta)[0][0].numpy()
+    trees = {b: sg.get_solver("tree", graph=G, backend=b) for b in ("torch", "numba")}
     peers = pgmpy_contenders(G, theta)
-    for name, f in peers.items():
-        err = float(np.abs(f() - mu).max())
-        if err > 1e-9:
-            raise RuntimeError(f"tree benchmark: {name} disagrees with structgrad (max abs difference {err:.3g})")
     n = theta[0].clone().requires_grad_()
-    ours = {
-        "marginals": lambda: tree.marginals(theta),
-        "log_partition+backward": lambda: tree.log_partition((n, theta[1])).sum().backward(),
-    }
+    ours = {}
+    for b, tree in trees.items():
+        mu = tree.marginals(theta)[0][0].numpy()
+        for name, f in peers.items():
+            err = float(np.abs(f() - mu).max())
+            if err > 1e-9:
+                raise RuntimeError(f"tree benchmark: {name} disagrees with structgrad ({b}): max abs difference {err:.3g}")
+        ours[f"marginals ({b})"] = lambda tree=tree: tree.marginals(theta)
+        ours[f"log_partition+backward ({b})"] = lambda tree=tree: tree.log_partition((n, theta[1])).sum().backward()
     med = interleaved({**ours, **peers}, 3 if quick else rounds, warmup=1, budget=1.0 if quick else 120.0)
-    case = f"all-node marginals, random tree N={N} (height {tree.plan.height}), C={C}"
+    case = f"all-node marginals, random tree N={N} (height {trees['torch'].plan.height}), C={C}"
     rows = []
     for ours_name in ours:
         for peer_name in peers:
@@ -149,20 +152,20 @@ def alone(quick: bool = False, device: str = "cpu", rounds: int = 15, size: tupl
     N, C, B = (30, 4, 4) if quick else size
     G, (node, edge) = problem(N, C, B, seed=1, dtype=torch.float32)
     node, edge = node.to(device), edge.to(device)
-    tree = sg.get_solver("tree", graph=G)
     n = node.clone().requires_grad_()
     gen = torch.Generator(device=device).manual_seed(0)
-    fns = {
-        "marginals": lambda: tree.marginals((node, edge)),
-        "log_partition forward+backward": lambda: tree.log_partition((n, edge)).sum().backward(),
-        "log_partition forward": lambda: tree.log_partition((node, edge)),
-        "map": lambda: tree.map((node, edge)),
-        "sample (16 draws)": lambda: tree.sample((node, edge), 16, generator=gen),
-    }
+    fns, cases = {}, {}
+    for b in ("torch",) if device == "cuda" else ("torch", "numba"):
+        tree = sg.get_solver("tree", graph=G, backend=b)
+        cases[b] = f"random tree N={N} (height {tree.plan.height}), C={C}, B={B}, float32, {device}, backend {b}"
+        fns[(b, "marginals")] = lambda tree=tree: tree.marginals((node, edge))
+        fns[(b, "log_partition forward+backward")] = lambda tree=tree: tree.log_partition((n, edge)).sum().backward()
+        fns[(b, "log_partition forward")] = lambda tree=tree: tree.log_partition((node, edge))
+        fns[(b, "map")] = lambda tree=tree: tree.map((node, edge))
+        fns[(b, "sample (16 draws)")] = lambda tree=tree: tree.sample((node, edge), 16, generator=gen)
     setup(device)
     med = interleaved(fns, 3 if quick else rounds, warmup=2, budget=1.0 if quick else 60.0)
-    case = f"random tree N={N} (height {tree.plan.height}), C={C}, B={B}, float32, {device}"
-    return [{"case": case, "op": op, "ms": 1e3 * s} for op, s in med.items()]
+    return [{"case": cases[b], "op": op, "ms": 1e3 * s} for (b, op), s in med.items()]
 
 
 def main(argv=None) -> None:

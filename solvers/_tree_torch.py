@@ -132,6 +132,22 @@ class Problem:
     def unflatten(self, x: torch.Tensor, event: tuple[int, ...]) -> torch.Tensor:
         return x.reshape(tuple(self.batch) + tuple(event)).to(self.dtype)
 
+    # the backend interface (shared with ``_tree_numba.Problem``), float64 results
+    def log_partition(self) -> tuple[torch.Tensor, tuple]:
+        """A (B,) and the state the marginals need."""
+        h, m, logz, feasible = upward(self)
+        return logz, (h, m, feasible)
+
+    def marginals(self, state: tuple, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Node (B, N, C) and edge (B, E, C, C) marginals (see :func:`downward_marginals`)."""
+        return downward_marginals(self, *state, weight=weight)
+
+    def map_labels(self) -> torch.Tensor:
+        return map_labels(self)
+
+    def sample_labels(self, S: int, generator: torch.Generator | None) -> torch.Tensor:
+        return sample_labels(self, S, generator)
+
 
 def _finite_min(x: torch.Tensor) -> torch.Tensor:
     """The smallest finite entry of ``x`` (0 if none); one pass unless ``x`` has −inf."""
@@ -261,25 +277,27 @@ def sample_labels(p: Problem, S: int, generator: torch.Generator | None) -> torc
 class TreeLogPartition(torch.autograd.Function):
     """A(θ) with backward μ(θ)·grad: forward = upward pass, backward = downward pass.
 
+    ``p`` is either backend's problem (this module's :class:`Problem`, or
+    ``_tree_numba.Problem``): ``p.log_partition()`` and ``p.marginals(state, weight)``.
     Not differentiable twice (the marginals come from message passing): a backward
     with ``create_graph=True`` raises :class:`~structgrad.errors.CapabilityError`."""
 
     @staticmethod
-    def forward(ctx, node: torch.Tensor, edge: torch.Tensor, p: Problem) -> torch.Tensor:
-        h, m, logz, feasible = upward(p)
+    def forward(ctx, node: torch.Tensor, edge: torch.Tensor, p) -> torch.Tensor:
+        logz, state = p.log_partition()
         if any(ctx.needs_input_grad[:2]):
-            ctx.problem, ctx.state = p, (h, m, feasible)
-        ctx.shapes = (node.shape, edge.shape, node.dtype, edge.dtype)
-        return logz.reshape(p.batch).to(p.dtype)
+            ctx.problem, ctx.state = p, state
+        ctx.shapes = (node.shape, edge.shape, node.dtype, edge.dtype, node.device)
+        return logz.reshape(p.batch).to(device=node.device, dtype=p.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         refuse_create_graph("tree")
         p = ctx.problem
-        h, m, feasible = ctx.state
-        node_shape, edge_shape, node_dtype, edge_dtype = ctx.shapes
+        node_shape, edge_shape, node_dtype, edge_dtype, device = ctx.shapes
         g = grad.reshape(-1).to(_CDTYPE)
-        mu, emu = downward_marginals(p, h, m, feasible, weight=g)  # reads the state only: may run twice
+        mu, emu = p.marginals(ctx.state, weight=g)  # reads the state only: the backward may run twice
+        mu, emu = mu.to(g.device), emu.to(g.device)
         g_node = mu.mul_(g[:, None, None]).reshape(node_shape).to(node_dtype)
         g_edge = emu.reshape(edge_shape).to(edge_dtype)
         return g_node, g_edge, None

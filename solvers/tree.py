@@ -65,21 +65,22 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
 
 from structgrad import checks as V
-from structgrad.errors import ShapeError
+from structgrad.errors import DomainError, ShapeError
 from structgrad.solver import Capabilities, Solver
 
 from ._pairwise import label_indicators, pair_indicators
 from ._tree_graph import Plan, make_plan
-from ._tree_torch import DevicePlan, Problem, TreeLogPartition, downward_marginals, map_labels, sample_labels, upward
+from ._tree_torch import DevicePlan, Problem, TreeLogPartition
 
 __all__ = ["TreeSolver"]
 
-_BACKENDS = ("torch",)
+_BACKENDS = ("torch", "numba")
 
 
 class TreeSolver(Solver):
@@ -92,7 +93,10 @@ class TreeSolver(Solver):
             object that is not a networkx graph, :class:`~structgrad.errors.DTypeError`).
             The solver keeps its own copy of the structure: changing the graph later
             does not change the solver.
-        backend: ``"torch"`` (batched torch ops; CPU and CUDA).
+        backend: ``"torch"`` (batched torch ops, level by level; CPU and CUDA) or
+            ``"numba"`` (compiled loops node by node, CPU only: the fast choice on the
+            CPU for small and medium forests, where the torch backend's time is the
+            dispatch of its per-level operations; compiled on first use, cached).
 
     Attributes:
         plan: the rooted level layout (``plan.height``, ``plan.num_roots``, ``plan.edges``).
@@ -104,13 +108,17 @@ class TreeSolver(Solver):
 
     def __init__(self, graph: Any = None, backend: str = "torch"):
         self.backend = V.check_choice(backend, _BACKENDS, "backend")
+        if backend == "numba":
+            if importlib.util.find_spec("numba") is None:  # pragma: no cover - numba is a dependency
+                raise DomainError("backend: 'numba' needs the numba package (pip install numba); use backend='torch'")
+            self.capabilities = type(self).capabilities.replace(devices=("cpu",))
         self.plan: Plan = make_plan(graph)
         self._device_plans: dict[torch.device, DevicePlan] = {}
 
     def __repr__(self) -> str:
         p = self.plan
         return (
-            f"TreeSolver(name={self.name!r}, nodes={p.num_nodes}, edges={p.num_edges}, "
+            f"TreeSolver(name={self.name!r}, backend={self.backend!r}, nodes={p.num_nodes}, edges={p.num_edges}, "
             f"components={p.num_roots}, height={p.height})"
         )
 
@@ -148,11 +156,16 @@ class TreeSolver(Solver):
         return super().check_theta((node, edge))
 
     # -- hooks
-    def _problem(self, theta: Any) -> Problem:
+    def _problem(self, theta: Any):
+        """The backend's problem object (the interface of ``_tree_torch.Problem``)."""
         node, edge = theta
         dev = node.device
         if dev not in self._device_plans:
             self._device_plans[dev] = DevicePlan(self.plan, dev)
+        if self.backend == "numba":
+            from ._tree_numba import Problem as NumbaProblem  # compiled on first use
+
+            return NumbaProblem(self.plan, node.detach(), edge.detach())
         return Problem(self._device_plans[dev], node.detach(), edge.detach())
 
     def _log_partition(self, theta: Any) -> torch.Tensor:
@@ -161,10 +174,12 @@ class TreeSolver(Solver):
     def _log_partition_and_marginals(self, theta: Any):
         with torch.no_grad():
             p = self._problem(theta)
-            h, m, logz, feasible = upward(p)
-            mu, emu = downward_marginals(p, h, m, feasible)
-            E, C = self.plan.num_edges, p.C
-            return logz.reshape(p.batch).to(p.dtype), (p.unflatten(mu, (p.N, C)), p.unflatten(emu, (E, C, C)))
+            logz, state = p.log_partition()
+            mu, emu = p.marginals(state)
+            shape = tuple(p.batch)
+            E, C, dev = self.plan.num_edges, p.C, theta[0].device
+            out = lambda x, event: x.reshape(shape + event).to(device=dev, dtype=p.dtype)  # noqa: E731
+            return out(logz, ()), (out(mu, (p.N, C)), out(emu, (E, C, C)))
 
     def _marginals(self, theta: Any):
         return self._log_partition_and_marginals(theta)[1]
@@ -172,17 +187,19 @@ class TreeSolver(Solver):
     def _map(self, theta: Any):
         with torch.no_grad():
             p = self._problem(theta)
-            return self._indicators(p, map_labels(p), lead=())
+            return self._indicators(p, p.map_labels(), lead=(), device=theta[0].device)
 
     def _sample(self, theta: Any, num_samples: int, generator: torch.Generator | None):
         with torch.no_grad():
             p = self._problem(theta)
-            return self._indicators(p, sample_labels(p, num_samples, generator), lead=(num_samples,))
+            return self._indicators(p, p.sample_labels(num_samples, generator), lead=(num_samples,), device=theta[0].device)
 
-    def _indicators(self, p: Problem, labels: torch.Tensor, lead: tuple[int, ...]):
-        """labels (*lead, B, N) by node id, −1 for none -> (node, edge) indicators."""
-        dp = p.dp
-        node = label_indicators(labels, p.C, p.dtype)
-        edge = pair_indicators(labels.index_select(-1, dp.edges_u), labels.index_select(-1, dp.edges_v), p.C, p.dtype)
+    def _indicators(self, p: Any, labels: torch.Tensor, lead: tuple[int, ...], device: torch.device):
+        """labels (*lead, B, N) by node id, −1 for none -> (node, edge) indicators on ``device``."""
+        dp = self._device_plans[device]
+        labels = labels.to(device)
+        C, E = p.C, dp.E
+        node = label_indicators(labels, C, p.dtype)
+        edge = pair_indicators(labels.index_select(-1, dp.edges_u), labels.index_select(-1, dp.edges_v), C, p.dtype)
         shape_b = lead + tuple(p.batch)
-        return node.reshape(shape_b + (p.N, p.C)), edge.reshape(shape_b + (dp.E, p.C, p.C))
+        return node.reshape(shape_b + (p.N, C)), edge.reshape(shape_b + (E, C, C))

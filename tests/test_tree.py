@@ -16,6 +16,7 @@ from structgrad.logspace import safe_dot
 from structgrad.testing import BruteForce, Case, check_solver, labeling_structures
 
 F64 = torch.float64
+BACKENDS = ["torch", "numba"]
 ND = 1 + torch.cuda.is_available()  # check_solver runs every check on each available device
 
 
@@ -90,18 +91,20 @@ def test_cases_cover_both_edge_orientations():
 
 
 @pytest.mark.parametrize("name,kw", CASES, ids=[f"{n}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" for n, kw in CASES])
-def test_check_solver(name, kw):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_solver(name, kw, backend):
     G = GRAPHS[name]
-    tree = sg.get_solver("tree", graph=G)
+    tree = sg.get_solver("tree", graph=G, backend=backend)
     theta = make(G, **kw)
     ran = check_solver(tree, [Case(theta, tree_enum(G), name=name)], num_samples=2000)
     assert ran["log_partition_oracle"] == ran["marginals_oracle"] == ran["map_feasible_optimal"] == ND
     assert ran["sample_frequencies"] == ND and ran["nll_gradcheck"] == 1
 
 
-def test_check_solver_neg_inf_and_infeasible():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_solver_neg_inf_and_infeasible(backend):
     G = GRAPHS["components"]
-    tree = sg.get_solver("tree", graph=G)
+    tree = sg.get_solver("tree", graph=G, backend=backend)
     node, edge = make(G, B=(3,), C=3, seed=5)
     node[0, 2, 1] = float("-inf")  # a forbidden label
     edge[0, 1, :, 2] = float("-inf")  # a forbidden pair
@@ -117,6 +120,7 @@ def test_check_solver_neg_inf_and_infeasible():
     assert (sn[:, 1] == 0).all() and (se[:, 1] == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=20, deadline=None)
 @given(
     N=st.integers(1, 6),
@@ -126,9 +130,9 @@ def test_check_solver_neg_inf_and_infeasible():
     scale=st.sampled_from([0.5, 4.0, 80.0]),
     seed=st.integers(0, 2**16),
 )
-def test_property_against_enumeration(N, data, C, shared, scale, seed):
+def test_property_against_enumeration(N, data, C, shared, scale, seed, backend):
     G = random_forest(N, data.draw(st.integers(1, N)), seed)
-    tree = sg.get_solver("tree", graph=G)
+    tree = sg.get_solver("tree", graph=G, backend=backend)
     theta = make(G, B=(2,), C=C, shared=shared, scale=scale, seed=seed)
     oracle = BruteForce(tree, tree_enum(G))
     lz, (mn, me) = tree.log_partition_and_marginals(theta)
@@ -139,9 +143,10 @@ def test_property_against_enumeration(N, data, C, shared, scale, seed):
     torch.testing.assert_close(score(tree.map(theta), theta), oracle.map_value(theta), atol=1e-9, rtol=1e-9)
 
 
-def test_zero_scores_count_labellings():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_scores_count_labellings(backend):
     G = random_forest(9, 2, 7)
-    tree = sg.get_solver("tree", graph=G)
+    tree = sg.get_solver("tree", graph=G, backend=backend)
     theta = (torch.zeros(2, 9, 4, dtype=F64), torch.zeros(7, 4, 4, dtype=F64))
     torch.testing.assert_close(tree.log_partition(theta), torch.full((2,), 9 * torch.log(torch.tensor(4.0, dtype=F64)).item(), dtype=F64))
     mn, me = tree.marginals(theta)
@@ -151,10 +156,11 @@ def test_zero_scores_count_labellings():
 
 # ----------------------------------------------------------------------------- path = chain
 @pytest.mark.parametrize("shared", [False, True])
-def test_path_graph_gives_chain_results(shared):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_path_graph_gives_chain_results(shared, backend):
     T, C = 9, 4
     G = nx.path_graph(T)  # edges (t, t+1) in order: the chain's positions
-    tree, chain = sg.get_solver("tree", graph=G), sg.get_solver("chain")
+    tree, chain = sg.get_solver("tree", graph=G, backend=backend), sg.get_solver("chain")
     g = torch.Generator().manual_seed(8)
     node = torch.randn(3, T, C, generator=g, dtype=F64) * 3
     edge = torch.randn(*(() if shared else (3,)), T - 1, C, C, generator=g, dtype=F64) * 3
@@ -188,9 +194,10 @@ def test_path_rooted_at_its_centre():
 
 
 # ----------------------------------------------------------------------------- nll, gradients
-def test_nll_gradcheck_and_model_marginals():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nll_gradcheck_and_model_marginals(backend):
     G = random_forest(6, 2, 11)
-    tree = sg.get_solver("tree", graph=G)
+    tree = sg.get_solver("tree", graph=G, backend=backend)
     node, edge = make(G, B=(3,), C=3, shared=True, seed=12)
     labels = torch.randint(3, (3, 6), generator=torch.Generator().manual_seed(0))
     u, v = torch.tensor(list(G.edges())).T
@@ -206,9 +213,10 @@ def test_nll_gradcheck_and_model_marginals():
     assert torch.autograd.gradcheck(lambda a, b: tree.log_partition((a, b)), (n.detach().requires_grad_(), e.detach().requires_grad_()))
 
 
-def test_second_derivatives_refused():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivatives_refused(backend):
     G = nx.star_graph(3)
-    tree = sg.get_solver("tree", graph=G)
+    tree = sg.get_solver("tree", graph=G, backend=backend)
     assert not tree.capabilities.differentiable_marginals
     node, edge = make(G, seed=13)
     n = node.clone().requires_grad_()
@@ -225,9 +233,10 @@ def test_second_derivatives_refused():
 
 
 # ----------------------------------------------------------------------------- numerics
-def test_map_ties_lowest_label_and_outputs_detached():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_map_ties_lowest_label_and_outputs_detached(backend):
     G = random_forest(7, 2, 14)
-    tree = sg.get_solver("tree", graph=G)
+    tree = sg.get_solver("tree", graph=G, backend=backend)
     theta = (torch.zeros(2, 7, 3, requires_grad=True), torch.zeros(5, 3, 3))
     zn, ze = tree.map(theta)
     assert (zn[..., 0] == 1).all() and (ze[..., 0, 0] == 1).all()
@@ -235,9 +244,10 @@ def test_map_ties_lowest_label_and_outputs_detached():
 
 
 @pytest.mark.parametrize("dtype,scale", [(F64, 1e30), (F64, 1e300), (torch.float32, 1e4), (torch.float32, 1e30)])
-def test_huge_scores_match_enumeration(dtype, scale):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_scores_match_enumeration(dtype, scale, backend):
     G = random_forest(6, 2, 15)
-    tree = sg.get_solver("tree", graph=G)
+    tree = sg.get_solver("tree", graph=G, backend=backend)
     node, edge = make(G, B=(2,), C=3, scale=scale, seed=16, dtype=dtype)
     node[0, 1, 0] = float("-inf")
     oracle = BruteForce(tree, tree_enum(G))
@@ -279,10 +289,11 @@ def test_wide_scores_on_a_larger_tree_no_nan(scale):
         assert torch.equal(z[0], mn) and torch.equal(z[1], me)
 
 
-def test_log_partition_beyond_float64_keeps_exact_marginals():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_partition_beyond_float64_keeps_exact_marginals(backend):
     """Equal scores of 1e307 on 200 nodes: A ≈ 4e309 is +inf in float64 (correctly), and
     the marginals are still the uniform ones; one forbidden label per node changes them."""
-    tree = sg.get_solver("tree", graph=nx.path_graph(200))
+    tree = sg.get_solver("tree", graph=nx.path_graph(200), backend=backend)
     node, edge = torch.full((1, 200, 4), 1e307, dtype=F64), torch.full((199, 4, 4), 1e307, dtype=F64)
     lz, (mn, me) = tree.log_partition_and_marginals((node, edge))
     assert torch.isposinf(lz).all()
@@ -294,9 +305,10 @@ def test_log_partition_beyond_float64_keeps_exact_marginals():
     assert torch.equal(tree.map((node, edge))[0][0, :, 1], torch.ones(200, dtype=F64))  # ties: lowest allowed label
 
 
-def test_float32_agrees_with_float64_on_a_larger_tree():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_agrees_with_float64_on_a_larger_tree(backend):
     G = nx.random_labeled_tree(300, seed=17)
-    tree = sg.get_solver("tree", graph=G)
+    tree = sg.get_solver("tree", graph=G, backend=backend)
     node, edge = make(G, B=(2,), C=6, scale=20.0, seed=18)
     node[:, ::7, 0] = float("-inf")
     _, (m64, e64) = tree.log_partition_and_marginals((node, edge))
@@ -307,9 +319,10 @@ def test_float32_agrees_with_float64_on_a_larger_tree():
     torch.testing.assert_close(e64.sum(-1), m64[:, [u for u, _ in G.edges()]])  # edge marginals agree with node marginals
 
 
-def test_sample_reproducible_and_generator_checked():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_reproducible_and_generator_checked(backend):
     G = nx.star_graph(3)
-    tree = sg.get_solver("tree", graph=G)
+    tree = sg.get_solver("tree", graph=G, backend=backend)
     theta = make(G, seed=19)
     a = tree.sample(theta, 5, generator=torch.Generator().manual_seed(3))
     b = tree.sample(theta, 5, generator=torch.Generator().manual_seed(3))
@@ -319,9 +332,10 @@ def test_sample_reproducible_and_generator_checked():
         tree.sample(theta, 2, generator=3)
 
 
-def test_theta_not_mutated_and_shared_edge_output_has_batch_dims():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_theta_not_mutated_and_shared_edge_output_has_batch_dims(backend):
     G = random_forest(5, 1, 20)
-    tree = sg.get_solver("tree", graph=G)
+    tree = sg.get_solver("tree", graph=G, backend=backend)
     node, edge = make(G, B=(2, 3), shared=True, seed=21)
     before = (node.clone(), edge.clone())
     mn, me = tree.marginals((node, edge))
@@ -355,7 +369,7 @@ def test_graph_errors():
         sg.get_solver("tree")
     with pytest.raises(sg.UnknownArgumentError, match=r"'tree'.*'graf'.*accepts: graph, backend"):
         sg.get_solver("tree", graf=nx.path_graph(2))
-    with pytest.raises(sg.DomainError, match="backend: expected one of 'torch', got 'numpy'"):
+    with pytest.raises(sg.DomainError, match="backend: expected one of 'torch', 'numba', got 'numpy'"):
         sg.get_solver("tree", graph=nx.path_graph(2), backend="numpy")
 
 
@@ -389,6 +403,25 @@ def test_theta_errors():
     with pytest.raises(sg.UnknownArgumentError, match=r"'lengths'.*accepts: none"):
         tree.marginals((torch.randn(4, 3), torch.randn(3, 3, 3)), lengths=torch.tensor(4))
     assert tree.call_kwargs == () and "height=1" in repr(tree)
+
+
+def test_backends_agree_on_a_larger_forest():
+    G = random_forest(300, 4, 27)
+    torch_tree, numba_tree = (sg.get_solver("tree", graph=G, backend=b) for b in BACKENDS)
+    assert numba_tree.capabilities.devices == ("cpu",) and "cuda" in torch_tree.capabilities.devices
+    assert "backend='numba'" in repr(numba_tree)
+    node, edge = make(G, B=(3,), C=5, scale=4.0, seed=28)
+    node[0, ::9, 1] = float("-inf")
+    edge[1, ::5, 0, :] = float("-inf")
+    a = torch_tree.log_partition_and_marginals((node, edge))
+    b = numba_tree.log_partition_and_marginals((node, edge))
+    torch.testing.assert_close(a[0], b[0], atol=1e-9, rtol=1e-12)
+    torch.testing.assert_close(a[1][0], b[1][0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(a[1][1], b[1][1], atol=1e-12, rtol=0)
+    za, zb = torch_tree.map((node, edge)), numba_tree.map((node, edge))
+    torch.testing.assert_close(score(za, (node, edge)), score(zb, (node, edge)), atol=1e-9, rtol=0)
+    s = numba_tree.sample((node, edge), 3000, generator=torch.Generator().manual_seed(4))[0].mean(0)
+    assert (s - a[1][0]).abs().max() < 0.05  # frequencies match the marginals
 
 
 def test_listed_as_builtin():
