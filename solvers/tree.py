@@ -34,6 +34,12 @@ Algorithms (B instances, N nodes, C labels, height H of the rooted forest):
   y_v = argmax_b(edge_v[y_parent, b] + h_v[b]); ties go to the lowest label.
 * ``sample``: exact, top-down from each root: y_v ~ softmax_b(edge_v[y_parent, b] + h_v[b]).
 
+Backends: ``"torch"`` (default) runs each pass level by level as batched tensor ops,
+on the CPU or CUDA; ``"numba"`` runs the same messages node by node in compiled
+loops (CPU only, single-threaded, compiled on first use and cached), much faster on
+the CPU when the forest is small or deep and the torch backend's time is the
+dispatch of its per-level operations.
+
 Everything runs in log space, in float64 (outputs in θ's dtype), on scores centred per
 node and per edge (each ≤ 0), so huge finite scores neither overflow nor lose the
 local marginals.  Time O(B·N·C²); memory O(B·N·C²) (the oriented edge scores).
@@ -45,7 +51,7 @@ False): a backward with ``create_graph=True`` raises
 :class:`~structgrad.errors.CapabilityError`.
 
 The graph checks and the level layout live in ``_tree_graph``, the kernels in
-``_tree_torch``, helpers shared with ``chain`` in ``_pairwise``.
+``_tree_torch`` and ``_tree_numba``, helpers shared with ``chain`` in ``_pairwise``.
 
 References: J. Pearl, "Probabilistic Reasoning in Intelligent Systems" (1988), ch. 4;
 D. Koller, N. Friedman, "Probabilistic Graphical Models" (2009), §10.2–10.3, 13.3;
