@@ -108,8 +108,10 @@ class Layout:
             self.rep: tuple[tuple[int, ...], ...] = tuple(() for _ in parts)
             self.out_shapes = tuple(tuple(p.shape) for p in parts)
             return
-        self.batch = solver.batch_shape(self.theta)
+        # the batch shape, by the rule of Solver.check_theta (which has checked that the leaves agree)
         self.shared = tuple(i > 0 and p.dim() == k for i, (p, k) in enumerate(zip(parts, nd)))
+        first = next((i for i, s in enumerate(self.shared) if not s), 0)
+        self.batch = parts[first].shape[: parts[first].dim() - nd[first]]
         nb = len(self.batch)
         if any(self.shared):
             hook = getattr(solver, "unshare", None)
@@ -203,7 +205,7 @@ class Layout:
         out = []
         nb = 0 if self.batch is None else len(self.batch)
         for x, s in zip(g, self.shared):
-            x = x.mean(0) if mean else x.sum(0)
+            x = (x.mean(0) if mean else x.sum(0)) if x.shape[0] != 1 else x[0]
             if s and nb:
                 x = x.sum(dim=tuple(range(nb)))
             out.append(x)
