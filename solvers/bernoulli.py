@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from structgrad.solver import Capabilities, Solver
 
-from .categorical import _check_one_tensor
 
 __all__ = ["BernoulliSolver"]
 
@@ -31,11 +30,7 @@ class BernoulliSolver(Solver):
         map="exact", marginals="exact", log_partition="exact", sample="exact", differentiable_marginals=True
     )
     event_ndim = 1
-
-    def check_theta(self, theta):
-        """One floating tensor ``(*b, n)`` (a tuple of tensors is a ShapeError); see :meth:`Solver.check_theta`."""
-        _check_one_tensor(theta, self._label())
-        return super().check_theta(theta)
+    num_leaves = 1
 
     def _map(self, theta: torch.Tensor) -> torch.Tensor:
         return (theta.detach() > 0).to(theta.dtype)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from structgrad.errors import ShapeError
 from structgrad.logspace import gumbel_argmax, logsumexp, softmax
 from structgrad.solver import Capabilities, Solver
 
@@ -34,16 +33,6 @@ def _one_hot(idx: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
     return oh * (idx >= 0).unsqueeze(-1).to(dtype)
 
 
-def _check_one_tensor(theta, solver: str) -> None:
-    """Refuse a tuple/list of tensors for a solver whose θ is one tensor ``(*b, n)``
-    (a list of numbers is left to :meth:`Solver.check_theta`: a DTypeError)."""
-    if isinstance(theta, (tuple, list)) and theta and all(isinstance(p, torch.Tensor) for p in theta):
-        raise ShapeError(
-            f"theta: expected one tensor of shape (*batch, n) for solver {solver}, got a {type(theta).__name__} "
-            f"of {len(theta)} tensor{'' if len(theta) == 1 else 's'}"
-        )
-
-
 class CategoricalSolver(Solver):
     """Exact solver for the categorical (softmax) family; see the module docstring.
 
@@ -54,11 +43,7 @@ class CategoricalSolver(Solver):
         map="exact", marginals="exact", log_partition="exact", sample="exact", differentiable_marginals=True
     )
     event_ndim = 1
-
-    def check_theta(self, theta):
-        """One floating tensor ``(*b, n)`` (a tuple of tensors is a ShapeError); see :meth:`Solver.check_theta`."""
-        _check_one_tensor(theta, self._label())
-        return super().check_theta(theta)
+    num_leaves = 1
 
     def _map(self, theta: torch.Tensor) -> torch.Tensor:
         if theta.shape[-1] == 0:

@@ -233,6 +233,7 @@ class ILPSolver(Solver):
 
     capabilities = Capabilities(map="exact", devices=("cpu", "cuda"), batched=False)
     event_ndim = 1
+    num_leaves = 1
 
     def __init__(
         self,
@@ -322,11 +323,6 @@ class ILPSolver(Solver):
     # ------------------------------------------------------------------ validation
     def check_theta(self, theta: Any) -> Any:
         """Shared structural checks, then θ must be one tensor whose last dimension is n."""
-        if isinstance(theta, (tuple, list)):
-            raise ShapeError(
-                f"theta: expected one tensor of shape (*batch, {self.n}) for solver 'ilp', got a {type(theta).__name__} "
-                f"of {len(theta)}"
-            )
         theta = super().check_theta(theta)
         if theta.shape[-1] != self.n:
             raise ShapeError(

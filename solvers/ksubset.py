@@ -131,7 +131,6 @@ from ._ksubset_torch import (
     split_alpha,
     split_beta,
 )
-from .categorical import _check_one_tensor
 
 __all__ = ["KSubsetSolver"]
 
@@ -193,6 +192,7 @@ class KSubsetSolver(Solver):
         map="exact", marginals="exact", log_partition="exact", sample="exact", differentiable_marginals=True
     )
     event_ndim = 1
+    num_leaves = 1
 
     def __init__(self, k: int | None = None, *, backend: str = "torch", schedule: str = "auto", sampler: str = "auto"):
         if k is None:
@@ -228,7 +228,6 @@ class KSubsetSolver(Solver):
 
     def check_theta(self, theta):
         """One floating tensor ``(*b, n)`` with n >= k; see :meth:`Solver.check_theta`."""
-        _check_one_tensor(theta, self._label())
         theta = super().check_theta(theta)
         n = theta.shape[-1]
         if self.k > n:

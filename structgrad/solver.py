@@ -114,6 +114,9 @@ class Solver:
             all leaves, a tuple per leaf, or ``None`` when unknown: batch shapes are
             then not checked).  Subclasses whose event dims depend on θ override
             :meth:`event_ndims`.
+        num_leaves: how many tensors θ has: 1 for a plain tensor ``(*batch, n)`` (a
+            tuple is then a ShapeError), k for a tuple of k parts (chain: 2), ``None``
+            for "any structure" (wrapped user callables).
         call_kwargs: the per-call keyword arguments the operations accept (chain:
             ``("lengths",)``), or ``None`` for "any" (wrapped user callables).  Any other
             keyword raises :class:`~structgrad.errors.UnknownArgumentError`.
@@ -145,6 +148,7 @@ class Solver:
     event_ndim: ClassVar[int | tuple[int, ...] | None] = 1
     call_kwargs: ClassVar[tuple[str, ...] | None] = ()
     batched_kwargs: ClassVar[tuple[str, ...]] = ()
+    num_leaves: ClassVar[int | None] = None
     name: str | None = None
     validate: bool = True
 
@@ -220,16 +224,25 @@ class Solver:
     def check_theta(self, theta: Any) -> Any:
         """Structural checks of θ shared by every operation; returns θ (a list becomes a tuple).
 
-        Checks: a tensor or non-empty tuple of tensors (as many as ``event_ndim`` says),
+        Checks: a tensor or non-empty tuple of tensors (as many as ``num_leaves`` says),
         floating dtype, one dtype and one device for all leaves, a device in
         ``capabilities.devices``, and batch shapes that agree.  No host synchronisation.
         Override to add structure-specific shape checks, then call ``super().check_theta``.
         """
+        kind = type(theta).__name__
         if isinstance(theta, list):
             theta = tuple(theta)
         parts = V.leaves(theta)
         if len(parts) == 0:
             raise ShapeError("theta: expected a tensor or a non-empty tuple of tensors, got an empty tuple")
+        if self.num_leaves == 1 and isinstance(theta, tuple) and all(isinstance(p, torch.Tensor) for p in parts):
+            raise ShapeError(
+                f"theta: expected one tensor (*batch, ...) for solver {self._label()}, got a {kind} of "
+                f"{len(parts)} tensor{'' if len(parts) == 1 else 's'}"
+            )
+        if self.num_leaves is not None and self.num_leaves > 1 and (not isinstance(theta, tuple) or len(parts) != self.num_leaves):
+            what = f"a tuple of {len(parts)}" if isinstance(theta, tuple) else type(theta).__name__
+            raise ShapeError(f"theta: expected a tuple of {self.num_leaves} tensors for solver {self._label()}, got {what}")
         names = V.leaf_names(theta)
         for p, nm in zip(parts, names):
             V.check_float_tensor(p, nm)

@@ -69,7 +69,7 @@ def test_bernoulli_and_ksubset_with_n_zero():
 def test_tuple_theta_is_a_named_shape_error(name, opts, op):
     s = sg.get_solver(name, **opts)
     for th, what in (((torch.zeros(3), torch.zeros(3)), "tuple of 2 tensors"), ([torch.zeros(3)], "list of 1 tensor")):
-        with pytest.raises(ShapeError, match=rf"theta: expected one tensor of shape \(\*batch, n\) for solver '{name}', got a {what}"):
+        with pytest.raises(ShapeError, match=rf"theta: expected one tensor \(\*batch, \.\.\.\) for solver '{name}', got a {what}"):
             getattr(s, op)(th)
     with pytest.raises(ShapeError, match=r"theta: expected one tensor"):
         sg.nll((torch.zeros(3), torch.zeros(3)), (torch.zeros(3), torch.zeros(3)), s)

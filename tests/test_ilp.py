@@ -541,7 +541,7 @@ def test_bad_theta():
     with pytest.raises(sg.UnknownArgumentError, match="unexpected keyword argument"):
         s.map(torch.zeros(8), lengths=3)
     for tup in [(torch.zeros(8), torch.zeros(8)), [torch.zeros(8)]]:
-        with pytest.raises(ShapeError, match=r"theta: expected one tensor of shape \(\*batch, 8\) for solver 'ilp', got a"):
+        with pytest.raises(ShapeError, match=r"theta: expected one tensor \(\*batch, \.\.\.\) for solver 'ilp', got a"):
             s.map(tup)
 
 
