@@ -98,6 +98,7 @@ class ChainSolver(Solver):
     capabilities = Capabilities(map="exact", marginals="exact", log_partition="exact", sample="exact")
     call_kwargs = ("lengths",)
     batched_kwargs = ("lengths",)
+    num_leaves = 2
 
     def __init__(self, backend: str = "torch"):
         self.backend = V.check_choice(backend, _BACKENDS, "backend")

@@ -111,6 +111,7 @@ class TreeSolver(Solver):
     capabilities = Capabilities(map="exact", marginals="exact", log_partition="exact", sample="exact")
     call_kwargs = ()
     batched_kwargs = ()
+    num_leaves = 2
 
     def __init__(self, graph: Any = None, backend: str = "torch"):
         self.backend = V.check_choice(backend, _BACKENDS, "backend")
