@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import checks as V
-from .errors import CapabilityError, DTypeError, SolverOutputError
+from .errors import CapabilityError, DTypeError, ShapeError, SolverOutputError
 from .noise import draw_noise
 from .registry import get_solver
 from .solver import Solver
@@ -55,8 +55,6 @@ def _normalise_theta(theta: Any) -> Any:
         theta = tuple(theta)
     parts = V.leaves(theta)
     if len(parts) == 0:
-        from .errors import ShapeError
-
         raise ShapeError("theta: expected a tensor or a non-empty tuple of tensors, got an empty tuple")
     for p, nm in zip(parts, V.leaf_names(theta)):
         V.check_float_tensor(p, nm)

@@ -47,7 +47,7 @@ from torch.autograd.function import once_differentiable
 
 from . import checks as V
 from ._perturb import Layout, check_reduce, check_sign_options, prepare
-from .errors import CapabilityError, DTypeError, ShapeError
+from .errors import CapabilityError, DTypeError
 from .logspace import safe_dot
 from .noise import resolve_noise
 

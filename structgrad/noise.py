@@ -71,7 +71,7 @@ from typing import Any, Sequence
 import torch
 
 from . import checks as V
-from .errors import DeviceError, DomainError, DTypeError, ShapeError
+from .errors import DeviceError, DomainError, DTypeError
 from .logspace import sample_gumbel
 
 __all__ = [
