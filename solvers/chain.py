@@ -117,6 +117,16 @@ class ChainSolver(Solver):
             )
         return theta[0], theta[1]
 
+    def unshare(self, theta: Any) -> Any:
+        """θ with the edge in per-instance, per-position layout ``(*b, T-1, C, C)`` (a view).
+
+        A ``(C, C)`` edge is replicated over the T−1 positions (its transition counts are
+        the sum of the per-position indicators over them); a ``(T-1, C, C)`` edge over the
+        batch.  See :meth:`structgrad.Solver.unshare`."""
+        node, edge = self.check_theta(theta)
+        T, C = node.shape[-2:]
+        return node, edge.expand(tuple(node.shape[:-2]) + (T - 1, C, C))
+
     # -- validation hooks
     def check_theta(self, theta: Any) -> Any:
         node, edge = self._split(theta)

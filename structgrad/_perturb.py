@@ -7,9 +7,9 @@ dimension L (S samples, or 2S for central differences):
   them (a chain's ``(C, C)`` or ``(T-1, C, C)`` edge) is replaced by a broadcast
   view with per-instance layout ``(*batch, *R, *E)``, where ``E`` is the leaf's own
   shape and ``R`` are *replication* dims over which the leaf's sufficient statistic
-  sums.  The solver says how, through an optional method ``solver.unshare(theta)``
-  (the chain turns a ``(C, C)`` edge into ``(*batch, T-1, C, C)``, R = (T-1,), the
-  positions); without it, R = () and the leaf becomes ``(*batch, *E)``;
+  sums.  The solver says how, through :meth:`structgrad.Solver.unshare` (the chain
+  turns a ``(C, C)`` edge into ``(*batch, T-1, C, C)``, R = (T-1,), the positions; the
+  default is R = () and the leaf becomes ``(*batch, *E)``);
 * noise is drawn at the unshared shape ``(L, *batch, *R, *E)``: per sample, per
   instance and per replicated position;
 * ``map`` outputs for the unshared θ are *folded* back to the layout ``map(θ)``
@@ -73,18 +73,6 @@ def prepare(theta: Any, solver: Any, op: str = "map") -> tuple[Any, Solver]:
     return theta, solver
 
 
-def _unshare_chain(theta: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chain's per-instance layout: edge ``(C, C)`` or ``(T-1, C, C)`` → ``(*b, T-1, C, C)``."""
-    node, edge = theta
-    T, C = node.shape[-2:]
-    return node, edge.expand(tuple(node.shape[:-2]) + (T - 1, C, C))
-
-
-# Built-in solvers with shared leaves that do not (yet) declare ``unshare`` themselves,
-# by "module:class" (no import).  A solver's own ``unshare`` method takes precedence.
-_FALLBACK_UNSHARE = {"structgrad.solvers.chain:ChainSolver": _unshare_chain}
-
-
 class Layout:
     """θ, its batch shape and its unshared per-instance view; see the module docstring."""
 
@@ -112,14 +100,7 @@ class Layout:
         self.batch = parts[first].shape[: parts[first].dim() - nd[first]]
         nb = len(self.batch)
         if any(self.shared):
-            hook = getattr(solver, "unshare", None)
-            fallback = _FALLBACK_UNSHARE.get(f"{type(solver).__module__}:{type(solver).__qualname__}")
-            if callable(hook):
-                unshared = tuple(t.detach() for t in V.leaves(hook(self.theta)))
-            elif fallback is not None:
-                unshared = fallback(self.theta)
-            else:
-                unshared = tuple(p.expand(tuple(self.batch) + tuple(p.shape)) if s else p for p, s in zip(parts, self.shared))
+            unshared = tuple(t.detach() for t in V.leaves(solver.unshare(self.theta)))
         else:
             unshared = parts
         if len(unshared) != len(parts):

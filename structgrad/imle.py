@@ -233,8 +233,8 @@ def imle(
         gives per-position transitions, summed back over positions into the counts
         ``(S, *b, C, C)`` that ``map`` returns for a ``(C, C)`` edge; the gradient of
         the shared edge sums over the batch (and averages over samples).  A solver
-        describes this through an optional method ``unshare(theta)`` (the chain has
-        one); without it a shared leaf ``E`` becomes ``(*b, *E)``.
+        describes this through :meth:`structgrad.Solver.unshare` (the chain overrides
+        it; the default makes a shared leaf ``E`` into ``(*b, *E)``).
         Call kwargs in ``solver.batched_kwargs`` (chain ``lengths (*b,)``) are passed
         as ``(S, *b)``.
 

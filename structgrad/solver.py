@@ -217,6 +217,32 @@ class Solver:
             )
         return tuple(self.event_ndim)
 
+    def unshare(self, theta: Any) -> Any:
+        """θ with every shared leaf given a per-instance layout (views, no copies).
+
+        Generic code that perturbs each instance separately (:func:`structgrad.imle`, the
+        perturbation estimators) calls this.  A leaf given without batch dims becomes
+        ``(*batch, *R, *E)``: ``E`` is the leaf's own shape, and ``R`` are replication
+        dims over which the leaf's sufficient statistic sums — so that ``map`` of the
+        unshared θ, summed over ``R``, is ``map``'s output layout for the shared leaf.
+        The default is ``R = ()`` (the leaf broadcast over the batch); a solver whose
+        shared leaf stands for several positions overrides it (chain: a ``(C, C)`` edge
+        becomes ``(*batch, T-1, C, C)``, R = the positions, and transition counts are
+        the sum over them).
+
+        Shapes:
+            θ leaves ``(*batch, *event)`` or shared ``(*event)`` → ``(*batch, [*R,] *event)``.
+        """
+        theta = self.check_theta(theta)
+        nd = self.event_ndims(theta)
+        if nd is None:
+            return theta
+        batch = tuple(self._batch_shape(theta))
+        parts = V.leaves(theta)
+        return V.rebuild(
+            theta, (p.expand(batch + tuple(p.shape)) if i > 0 and p.dim() == k else p for i, (p, k) in enumerate(zip(parts, nd)))
+        )
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 

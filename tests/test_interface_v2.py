@@ -259,3 +259,17 @@ def test_second_derivatives_refused_where_marginals_are_not_differentiable():
         torch.autograd.grad(loss, node, create_graph=True)
     (g,) = torch.autograd.grad(sg.nll((node, edge), gold, "chain").sum(), node)  # first derivatives are fine
     assert torch.isfinite(g).all()
+
+
+def test_unshare_gives_shared_leaves_a_per_instance_layout():
+    node, edge = _chain_theta(B=3, T=5, C=2)
+    chain = sg.get_solver("chain")
+    u_node, u_edge = chain.unshare((node, edge))       # (C, C) -> (*b, T-1, C, C): replicated over positions
+    assert u_node is node and u_edge.shape == (3, 4, 2, 2) and u_edge.data_ptr() == edge.data_ptr()
+    z = chain.map((node, u_edge.contiguous()))
+    counts = chain.map((node, edge))[1]
+    torch.testing.assert_close(z[1].sum(-3), counts)    # the fold: per-position indicators sum to the counts
+    shared = torch.randn(4, 2, 2, dtype=F64)              # (T-1, C, C) -> (*b, T-1, C, C), no replication dims
+    assert chain.unshare((node, shared))[1].shape == (3, 4, 2, 2)
+    th = torch.randn(3, 4)                                # nothing shared: unchanged
+    assert sg.get_solver("categorical").unshare(th) is th
