@@ -6,7 +6,7 @@ MAP = [θ > 0] (ties θ = 0 go to 0); samples z_i = [U_i < σ(θ_i)].
 NaN by the shared score check).  n = 0 is the one empty vector: A = 0.  This is
 the conditional p(h | v) of an RBM's hidden layer.
 
-Example:
+Examples:
     >>> import torch, structgrad as sg
     >>> sg.get_solver("bernoulli").log_partition(torch.zeros(3))
     tensor(2.0794)

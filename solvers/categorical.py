@@ -7,7 +7,7 @@ So has n = 0 (θ of shape ``(*b, 0)``): A = -inf (gradient: empty), and μ, MAP 
 samples are empty, ``(*b, 0)`` and ``(S, *b, 0)``.  θ is one tensor: a tuple of
 tensors is a ShapeError.
 
-Example:
+Examples:
     >>> import torch, structgrad as sg
     >>> s = sg.get_solver("categorical")
     >>> s.marginals(torch.zeros(2))

@@ -105,7 +105,7 @@ References:
     A. Schrijver, *Theory of Linear and Integer Programming*, Wiley 1986 (total
     unimodularity, Ch. 19; Heller–Tompkins signing, Thm. 19.3).
 
-Example:
+Examples:
     >>> import torch, structgrad as sg
     >>> A = torch.tensor([[3, 2, 2]]); b = torch.tensor([4])     # a knapsack row
     >>> ilp = sg.get_solver("ilp", A=A, b=b)
@@ -221,7 +221,7 @@ class ILPSolver(Solver):
     Copying: an ``ILPSolver`` can be pickled and deep-copied; the copy rebuilds its
     own models (and locks and per-thread pools) from the stored constraints and options.
 
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> n = 4                                   # pick exactly 2 of 4
         >>> ilp = sg.get_solver("ilp", A=torch.zeros(0, n), b=torch.zeros(0), A_eq=torch.ones(1, n), b_eq=[2])

@@ -94,7 +94,7 @@ References:
     M. Niepert, P. Minervini, L. Franceschi, "Implicit MLE", NeurIPS 2021 (k-subset
     MAP as a solver for perturb-and-MAP).
 
-Example:
+Examples:
     >>> import torch, structgrad as sg
     >>> s = sg.get_solver("ksubset", k=2)
     >>> theta = torch.tensor([1.0, 0.0, 2.0, -float("inf")])
@@ -175,7 +175,7 @@ class KSubsetSolver(Solver):
     Shapes:
         theta ``(*b, n)``; map/marginals ``(*b, n)``; log_partition ``(*b,)``;
         sample ``(S, *b, n)``.
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> s = sg.get_solver("ksubset", k=3)
         >>> theta = torch.randn(4, 10, requires_grad=True)

@@ -58,7 +58,7 @@ D. Koller, N. Friedman, "Probabilistic Graphical Models" (2009), §10.2–10.3, 
 C. Chow, C. Liu, "Approximating discrete probability distributions with dependence
 trees" (IEEE Trans. Inf. Theory, 1968).
 
-Example:
+Examples:
     >>> import networkx as nx, torch, structgrad as sg
     >>> G = nx.Graph([(0, 1), (1, 2), (1, 3)])           # a star around node 1
     >>> tree = sg.get_solver("tree", graph=G)

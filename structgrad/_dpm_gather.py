@@ -74,7 +74,7 @@ def all_gather_with_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     Complexity:
         two all-gathers forward (shapes, then data padded to the largest b_r) and one
         all-reduce backward.
-    Example:
+    Examples:
         >>> import torch
         >>> from structgrad.dpm import all_gather_with_grad
         >>> all_gather_with_grad(torch.ones(2, 3)).shape   # no process group: unchanged

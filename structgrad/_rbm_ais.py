@@ -61,7 +61,7 @@ def ais_betas(num_betas: int, *, dtype: torch.dtype = torch.float64, device: Any
         num_betas: K ≥ 2 intermediate distributions, endpoints included.
     Returns:
         ``(num_betas,)`` increasing, from 0 to 1.
-    Example:
+    Examples:
         >>> ais_betas(5)
         tensor([0.0000, 0.5000, 0.9000, 0.9500, 1.0000], dtype=torch.float64)
     """

@@ -346,7 +346,7 @@ class RBMBase(nn.Module):
         Returns:
             The negatives, detached: ``(M, K)`` (RBM) or ``v0.shape`` (RSM).
         Complexity: O(k·M·K·F) (RBM), O(k·B·(K·F + max D)) (RSM).
-        Example:
+        Examples:
             >>> import torch, structgrad as sg
             >>> g = torch.Generator().manual_seed(0)
             >>> rsm = sg.ReplicatedSoftmax(num_visible=4, num_hidden=2, generator=g)

@@ -47,7 +47,7 @@ class BernoulliRBM(RBMBase):
         cast to the parameters' dtype; other float dtypes are refused.
     Complexity:
         free energy, one Gibbs sweep: O(B·K·F); exact log Z: O(2^min(K,F)·K·F).
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> g = torch.Generator().manual_seed(0)
         >>> rbm = sg.BernoulliRBM(num_visible=4, num_hidden=2, generator=g)

@@ -54,7 +54,7 @@ class ReplicatedSoftmax(RBMBase):
     Complexity:
         free energy, one Gibbs sweep: O(B·K·F) (+ O(B·max D) per sweep for the word
         draws); exact log Z_D for L lengths: O(2^F·K·F + 2^F·L).
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> g = torch.Generator().manual_seed(0)
         >>> rsm = sg.ReplicatedSoftmax(num_visible=5, num_hidden=2, generator=g)

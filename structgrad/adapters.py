@@ -44,7 +44,7 @@ Threads: ``threads=k`` ≥ 2 solves instances on ``k`` threads.  That speeds thi
 up only if ``fn`` releases the GIL (OR-Tools, SciPy, NumPy on large arrays,
 ``numba.njit(nogil=True)``), and ``fn`` must then be thread-safe.
 
-Example:
+Examples:
     >>> import numpy as np, torch, structgrad as sg
     >>> def top2(th):                      # one instance: the 2 largest scores
     ...     z = np.zeros_like(th); z[np.argsort(-th, kind="stable")[:2]] = 1; return z
@@ -281,7 +281,7 @@ def per_instance_solver(
         θ ``(*batch, *event)`` → z ``(*batch, *event)``; ``fn`` sees ``(*event)``;
         a batched keyword ``(*batch, ...)`` → ``fn`` sees ``(...)``.
 
-    Example:
+    Examples:
         >>> import numpy as np, torch, structgrad as sg
         >>> solver = sg.per_instance_solver(lambda th: (th > 0).astype(np.float64), threads=2)
         >>> solver.map(torch.tensor([[1.0, -2.0], [-1.0, 3.0]]))

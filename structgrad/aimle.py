@@ -27,7 +27,7 @@ Use: pass an instance as ``lam=`` to :func:`structgrad.imle`; it keeps its state
 across calls, and ``state_dict``/``load_state_dict`` save and restore it (e.g. in
 a training checkpoint).
 
-Example:
+Examples:
     >>> import torch, structgrad as sg
     >>> adaptive = sg.AdaptiveLambda(target_nonzeros=2.0)
     >>> theta = torch.randn(8, 20, requires_grad=True)

@@ -9,7 +9,7 @@ mutates or copies its input.  A solver uses them from its validation hooks
 Also here, the small numeric helpers every solver needs once: :data:`NEG_INF`,
 :func:`finite_or_zero`, :func:`flatten_batch`.
 
-Example:
+Examples:
     >>> import torch
     >>> from structgrad import checks
     >>> checks.check_choice("rows", ("rows", "columns"), "schedule")

@@ -66,7 +66,7 @@ References:
     Z. Yuan et al.  Provable Stochastic Optimization for Global Contrastive Learning:
     Small Batch Does Not Harm Performance.  ICML 2022.  (SogCLR: ζ = 0, no offset.)
 
-Example:
+Examples:
     >>> import torch, structgrad as sg
     >>> crit = sg.DPMLoss(100, tau=0.1, gamma=0.8, xi=0.0)
     >>> x = torch.nn.functional.normalize(torch.randn(8, 4, requires_grad=True), dim=-1)
@@ -168,7 +168,7 @@ def dpm_surrogate(
         sim ``(B, B)``; every vector ``(B,)``; outputs ``()`` or ``(B,)``, in sim's dtype.
     Complexity:
         O(B²) time and memory, a few passes over a (B, B) buffer per direction.
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> from structgrad.dpm import dpm_surrogate
         >>> sim = torch.randn(4, 4, requires_grad=True)
@@ -267,7 +267,7 @@ class DPMLoss(nn.Module):
         state then evolves identically on every rank, and DDP's gradient averaging gives
         the gradient of one process on the concatenated batch.  Call :meth:`update_xi`
         on every rank.
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> crit = sg.DPMLoss(1000, tau=0.1, gamma=0.8, xi=0.0, zeta_lr=1e-3)
         >>> sim = torch.randn(16, 16, requires_grad=True)

@@ -98,12 +98,22 @@ def straight_through(
     the sum over the batch of its statistic's gradient; with ``minimize``, −g_s).
 
     Args:
-        theta, solver, samples, noise, noise_temperature, generator, minimize,
-        reduce, **solver_kwargs: as for :func:`structgrad.imle`.
+        theta: potentials, a tensor or a tuple of tensors ``(*batch, *event)``, as for
+            :func:`structgrad.imle`.
+        solver: a name, a Solver or a callable θ -> z with ``map``, as for
+            :func:`structgrad.imle`.
+        samples: S ≥ 1 noise samples per instance.
+        noise: the perturbation (``"gumbel"``, ``"sum_of_gamma"``, ``"normal"``,
+            ``None`` or a noise object), as for :func:`structgrad.imle`.
+        noise_temperature: τ ≥ 0, the scale of the noise.
+        generator: the ``torch.Generator`` (on θ's device) the noise is drawn from.
+        minimize: the solver *minimises* ⟨z, θ⟩ (θ are costs); the gradient is negated.
+        reduce: ``"none"`` (the S samples) or ``"mean"`` (their average).
+        **solver_kwargs: passed to every ``map`` call (``lengths=`` for the chain).
     Returns:
         the structure of θ, ``(S, *batch, *event)`` per leaf (``"mean"``: without S).
     Complexity: one batched ``map`` of S·B instances; backward O(S·|θ|).
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> theta = torch.randn(2, 5, requires_grad=True)
         >>> z = sg.straight_through(theta, "categorical", samples=3, generator=torch.Generator().manual_seed(0))
@@ -141,15 +151,22 @@ def marginal_straight_through(
     loss linear in z this is the exact gradient of E_p[L(z)].
 
     Args:
-        theta, solver, samples, generator, reduce, **solver_kwargs: as for
-            :func:`structgrad.imle` (no noise: the samples are exact).
+        theta: potentials, a tensor or a tuple of tensors ``(*batch, *event)``, as for
+            :func:`structgrad.imle`.
+        solver: a name or a Solver with exact ``sample`` and differentiable
+            ``marginals``.
+        samples: S ≥ 1 exact samples per instance (no noise: the samples are exact).
+        generator: the ``torch.Generator`` (on θ's device) the samples are drawn from.
+        reduce: ``"none"`` (the S samples) or ``"mean"`` (their average).
+        **solver_kwargs: passed to the ``sample`` and ``marginals`` calls
+            (``lengths=`` for the chain).
     Returns:
         the structure of θ, ``(S, *batch, *event)`` per leaf (``"mean"``: without S).
     Raises:
         CapabilityError: the solver's ``sample`` is not exact or its marginals are not
             differentiable (``capabilities.differentiable_marginals``).
     Complexity: ``sample`` of S per instance plus one ``marginals`` with autograd.
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> theta = torch.randn(3, 8, requires_grad=True)
         >>> z = sg.marginal_straight_through(theta, sg.get_solver("ksubset", k=2), samples=4,
@@ -214,12 +231,17 @@ def blackbox(theta: Any, solver: Any, *, lam: float = 1.0, minimize: bool = Fals
     ``noise=None``, α = 1 and the same λ and ``minimize``.
 
     Args:
-        theta, solver, minimize, **solver_kwargs: as for :func:`structgrad.imle`.
+        theta: potentials, a tensor or a tuple of tensors ``(*batch, *event)``, as for
+            :func:`structgrad.imle`.
+        solver: a name, a Solver or a callable θ -> z with ``map``, as for
+            :func:`structgrad.imle`.
         lam: λ > 0, the interpolation step.
+        minimize: the solver *minimises* ⟨z, θ⟩ (θ are costs); the gradient is negated.
+        **solver_kwargs: passed to both ``map`` calls (``lengths=`` for the chain).
     Returns:
         z = MAP(θ), the structure of θ (no sample dimension: the method is deterministic).
     Complexity: one ``map`` in forward, one in backward.
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> theta = torch.tensor([[0.0, 1.0, 2.0]], requires_grad=True)
         >>> z = sg.blackbox(theta, "categorical", lam=2.0)
@@ -262,12 +284,17 @@ def score_function(
     flows through unchanged).
 
     Args:
-        theta, solver, generator, **solver_kwargs: as for :func:`structgrad.imle`.
+        theta: potentials, a tensor or a tuple of tensors ``(*batch, *event)``, as for
+            :func:`structgrad.imle`.
+        solver: a name or a Solver with exact ``sample`` and ``log_partition``.
         loss: ``z -> (S, *batch)`` losses, called once with the samples (the
             structure of θ, ``(S, *batch, *event)`` per leaf).
         samples: S (≥ 2 with the leave-one-out baseline).
         baseline: ``"leave_one_out"``, ``None`` (no baseline), a number, or a tensor
             broadcastable to ``(*batch,)``.
+        generator: the ``torch.Generator`` (on θ's device) the samples are drawn from.
+        **solver_kwargs: passed to the ``sample`` and ``log_partition`` calls
+            (``lengths=`` for the chain).
     Returns:
         ``(S, *batch)``: the losses L(z_s), differentiable with the estimator above.
     Raises:
@@ -275,7 +302,7 @@ def score_function(
         ShapeError: ``loss`` returned a shape other than ``(S, *batch)``.
         DomainError: the leave-one-out baseline with S < 2.
     Complexity: ``sample`` of S per instance, one ``log_partition`` with autograd.
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> theta = torch.zeros(3, requires_grad=True)
         >>> b = torch.tensor([1.0, 0.0, 0.0])

@@ -255,7 +255,7 @@ def imle(
     P. Minervini, L. Franceschi, M. Niepert, "Adaptive perturbation-based gradient
     estimation for discrete latent variable models", AAAI 2023.
 
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> theta = torch.randn(4, 10, requires_grad=True)
         >>> z = sg.imle(theta, sg.get_solver("ksubset", k=3), lam=1.0, samples=5,
@@ -299,7 +299,7 @@ def with_imle(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     :func:`structgrad.get_solver` accepts) returns ``f(theta, *, generator=None,
     **solver_kwargs)`` that runs :func:`imle` with those options.
 
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> @sg.with_imle(lam=2.0, samples=3)
         ... def top2(theta):

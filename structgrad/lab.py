@@ -37,7 +37,7 @@ name                 estimator                                             uses 
 ``score-function``   :func:`structgrad.score_function`, leave-one-out      no
 ===================  ====================================================  =====
 
-Example:
+Examples:
     >>> import torch, structgrad as sg
     >>> task = sg.lab.ksubset_task(n=8, k=3, seed=0)
     >>> res = sg.lab.run(task, estimators=["marginal-st", "imle"], samples=(10,), lams=(1.0,), seeds=5)
@@ -139,7 +139,12 @@ def ksubset_task(
     independent implementation reported 0.90 and 0.76 on this problem.
 
     Args:
-        n, k: the subset problem; batch: number of instances; seed: of θ and b.
+        n: the number of items.
+        k: the subset size, 0 ≤ k ≤ n.
+        batch: the number of instances.
+        seed: the seed of θ and b (drawn on the CPU in float64).
+        dtype: the dtype of θ, b and the true gradient.
+        device: the device of θ, b and the true gradient (``None``: the CPU).
     Returns:
         a :class:`Task` with θ ``(batch, n)`` (``(n,)`` when batch is 1).
     """

@@ -37,7 +37,7 @@ def chain_indicators(
         dtype: floating dtype of the result.
     Returns:
         ``(node (*b, T, C), edge (*b, T−1, C, C) or (*b, C, C))``, on labels' device.
-    Example:
+    Examples:
         >>> node, edge = chain_indicators(torch.tensor([[0, 2, 1]]), 3)
         >>> edge[0, 0]   # transition 0 -> 2 at t = 0
         tensor([[0., 0., 1.],

@@ -12,7 +12,7 @@ Math:
     softmax_with_offset(x, o)_i = exp(x_i) / (exp(o) + Σ_j exp(x_j))
     Gumbel-max: argmax_i (x_i + G_i), G_i ~ Gumbel(0, 1) i.i.d., is distributed as softmax(x).
 
-Example:
+Examples:
     >>> import torch
     >>> from structgrad.logspace import logsumexp, softmax
     >>> x = torch.full((3,), float("-inf"), requires_grad=True)
@@ -204,7 +204,7 @@ def multinomial_counts(
             for a row with no possible outcome.
     Complexity: O(B·max(totals)) time and memory beyond the output; one host
     synchronisation (two when something is wrong, to write the message).
-    Example:
+    Examples:
         >>> import torch
         >>> from structgrad.logspace import multinomial_counts
         >>> c = multinomial_counts(torch.zeros(2, 3), torch.tensor([4, 0]), generator=torch.Generator().manual_seed(0))

@@ -114,7 +114,7 @@ def nll(theta: Any, gold: Any, solver: Any, **kwargs: Any) -> torch.Tensor:
         theta leaf ``(*b, *e)`` or ``(*e)``; gold leaf ``(*b, *e)``; out ``(*b,)``.
     Complexity:
         one ``log_partition_and_marginals`` call in forward; backward is elementwise.
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> theta = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
         >>> loss = sg.nll(theta, torch.tensor([[0.0, 0.0, 1.0]]), "categorical")

@@ -54,7 +54,7 @@ References:
     discrete exponential family distributions", NeurIPS 2021.
     G. Papandreou, A. Yuille, "Perturb-and-MAP random fields", ICCV 2011.
 
-Example:
+Examples:
     >>> import torch, structgrad as sg
     >>> g = torch.Generator().manual_seed(0)
     >>> eps = sg.SumOfGammaNoise(k=3, num_terms=10).sample((1000, 5), g)
@@ -188,12 +188,13 @@ def sample_gamma(
         concentration: a > 0, a number or a tensor broadcastable to ``shape``.
         shape: the output shape.
         generator: a ``torch.Generator`` on ``device`` (``None``: torch's global one).
-        dtype, device: of the result (the draws are computed in float64).
+        dtype: the floating dtype of the result (the draws are computed in float64).
+        device: the device of the result (``None``: the CPU).
     Returns:
         ``shape`` tensor of Gamma(a, 1) variables (density x^(a−1) e^(−x) / Γ(a)).
     Complexity:
         O(N) work for N = prod(shape) entries, about log(N)/log(20) vectorised passes.
-    Example:
+    Examples:
         >>> import torch
         >>> from structgrad.noise import sample_gamma
         >>> x = sample_gamma(0.5, (100000,), generator=torch.Generator().manual_seed(0), dtype=torch.float64)

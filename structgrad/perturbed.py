@@ -103,17 +103,24 @@ def perturbed_optimizer(
     (inner product per instance; a shared leaf sums over the batch).
 
     Args:
-        theta, solver, samples, generator, minimize, reduce, **solver_kwargs: as for
-            :func:`structgrad.imle`.  ``reduce="mean"`` returns ȳ_τ itself.
+        theta: potentials, a tensor or a tuple of tensors ``(*batch, *event)``, as for
+            :func:`structgrad.imle`.
+        solver: a name, a Solver or a callable θ -> z with ``map``, as for
+            :func:`structgrad.imle`.
+        samples: S ≥ 1 noise samples per instance.
         noise: ``"gumbel"`` (default) or ``"normal"``, or an object with ``sample`` and
             ``grad_neg_log_density`` (:mod:`structgrad.noise`).
         noise_temperature: τ > 0.
+        generator: the ``torch.Generator`` (on θ's device) the noise is drawn from.
+        minimize: the solver *minimises* ⟨z, θ⟩ (θ are costs); the gradient is negated.
+        reduce: ``"none"`` (the S samples) or ``"mean"`` (their average, ȳ_τ itself).
+        **solver_kwargs: passed to every ``map`` call (``lengths=`` for the chain).
     Returns:
         the structure of θ, ``(S, *batch, *event)`` per leaf (``"mean"``: without S).
     Raises:
         DomainError: ``noise=None``, a noise without ``grad_neg_log_density``, τ ≤ 0.
     Complexity: one batched ``map`` of S·B instances; backward O(S·|θ|), no solver call.
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> theta = torch.tensor([0.0, 1.0, 2.0], requires_grad=True)
         >>> y = sg.perturbed_optimizer(theta, "categorical", samples=20000, reduce="mean",
@@ -191,17 +198,24 @@ def perturbed_fenchel_young_loss(
     −c and the gradient y − ȳ.
 
     Args:
-        theta, solver, samples, generator, minimize, **solver_kwargs: as for
+        theta: potentials, a tensor or a tuple of tensors ``(*batch, *event)``, as for
             :func:`structgrad.imle`.
         target: the target structure y, shaped like ``solver.map(theta)`` (for a
             chain with a ``(C, C)`` edge: transition counts ``(*batch, C, C)``).
+        solver: a name, a Solver or a callable θ -> z with ``map``, as for
+            :func:`structgrad.imle`.
+        samples: S ≥ 1 noise samples per instance.
         noise: any noise (:mod:`structgrad.noise`; its density is not needed here).
         noise_temperature: τ ≥ 0.
+        generator: the ``torch.Generator`` (on θ's device) the noise is drawn from.
+        minimize: the solver *minimises* ⟨z, θ⟩ (θ are costs): the loss is that of the
+            maximisation problem in −θ.
+        **solver_kwargs: passed to every ``map`` call (``lengths=`` for the chain).
     Returns:
         ``(*batch,)`` losses; gradient w.r.t. θ: ȳ_τ(θ) − y (shared leaves summed over
         the batch); w.r.t. the target: −θ.
     Complexity: one batched ``map`` of S·B instances; the backward calls no solver.
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> theta = torch.zeros(2, 4, requires_grad=True)
         >>> y = torch.eye(4)[[1, 3]]

@@ -121,7 +121,7 @@ References:
     R. Salakhutdinov and I. Murray, "On the quantitative analysis of deep belief networks" (AIS), ICML 2008.
     R. Neal, "Annealed importance sampling", Statistics and Computing 2001.
 
-Example:
+Examples:
     >>> import torch, structgrad as sg
     >>> g = torch.Generator().manual_seed(0)
     >>> rsm = sg.ReplicatedSoftmax(num_visible=6, num_hidden=3, generator=g)

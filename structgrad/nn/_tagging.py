@@ -87,7 +87,7 @@ def allowed_transitions(tags: Sequence[str], scheme: str = "BIO") -> TransitionC
             name or an empty list.
         DTypeError: a tag name that is not a string.
     Complexity: O(C²).
-    Example:
+    Examples:
         >>> import structgrad as sg
         >>> c = sg.nn.allowed_transitions(["O", "B-PER", "I-PER"], scheme="BIO")
         >>> c.transitions.int()          # O -> I-PER is forbidden

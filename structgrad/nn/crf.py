@@ -36,7 +36,7 @@ References: J. Lafferty, A. McCallum, F. Pereira, "Conditional random fields" (I
 2001); Z. Huang, W. Xu, K. Yu, "Bidirectional LSTM-CRF models for sequence tagging"
 (2015); D. McAllester, "The model marginals" (TTIC 31230, 2019).
 
-Example:
+Examples:
     >>> import torch, structgrad as sg
     >>> crf = sg.nn.LinearChainCRF(5)
     >>> emissions = torch.randn(2, 7, 5)
@@ -104,7 +104,7 @@ class LinearChainCRF(torch.nn.Module):
 
     Complexity: O(B·T·C²) time and O(B·T·C) memory per call (the ``chain`` solver's).
 
-    Example:
+    Examples:
         >>> import torch, structgrad as sg
         >>> tags = ["O", "B-PER", "I-PER"]
         >>> crf = sg.nn.LinearChainCRF(3, constraints=sg.nn.allowed_transitions(tags, "BIO"))
