@@ -84,6 +84,7 @@ def choose(
         given: ``(...)`` the neighbour's labels; ``-1`` means "no neighbour" (nothing
             added: a chain's last position, a tree's root) and is kept as the only
             way to get ``-1`` besides all-``-inf`` logits.
+
     Returns:
         ``(...)`` int64 labels, ``-1`` where every logit is ``-inf``.
     """

@@ -345,9 +345,10 @@ class ILPSolver(Solver):
 
         Args:
             theta: ``(*b, n)`` floating-point scores.
+
         Returns:
             :class:`ILPResult` with ``z (*b, n)``, ``value (*b,)`` = ⟨z, θ⟩ and
-            ``optimal (*b,)`` (False only where a time limit stopped CP-SAT early).
+                ``optimal (*b,)`` (False only where a time limit stopped CP-SAT early).
         """
         self._require("map")
         theta, _ = self._prepare(theta, {})

@@ -172,9 +172,11 @@ class KSubsetSolver(Solver):
         schedule: ``"auto"``, ``"rows"`` or ``"columns"``: how the torch backend
             runs the table recursions (see the module docstring).
         sampler: ``"auto"``, ``"rejection"`` or ``"sequential"`` (all exact).
+
     Shapes:
         theta ``(*b, n)``; map/marginals ``(*b, n)``; log_partition ``(*b,)``;
         sample ``(S, *b, n)``.
+
     Examples:
         >>> import torch, structgrad as sg
         >>> s = sg.get_solver("ksubset", k=3)

@@ -69,11 +69,14 @@ def all_gather_with_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     Args:
         x: ``(b_r, *rest)`` on this rank; ``rest`` equal on every rank.
         group: a process group (default: the world).
+
     Returns:
         ``(Σ_r b_r, *rest)``, the ranks' rows in rank order.
+
     Complexity:
         two all-gathers forward (shapes, then data padded to the largest b_r) and one
         all-reduce backward.
+
     Examples:
         >>> import torch
         >>> from structgrad.dpm import all_gather_with_grad

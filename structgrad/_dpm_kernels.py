@@ -143,9 +143,17 @@ def marginals(sim: torch.Tensor, nzs: torch.Tensor, tau: float, wd: torch.dtype,
     one fused softmax and two max passes per direction.
 
     Args:
+        sim: ``(B, B)`` the similarities E.
         nzs: ``(2, B)`` −ζ/τ of the candidates of each direction.
+        tau: the temperature τ > 0.
+        wd: the working dtype the similarities are cast to.
+        masked: ``sim`` holds −inf (masked pairs): an anchor whose candidates are all
+            impossible gets lse = −inf instead of NaN.
+
     Returns:
-        π_x (B, B) rows summing to 1, π_y (B, B) columns summing to 1, ``lse (2, B)``.
+        (tuple[torch.Tensor, torch.Tensor, torch.Tensor]): ``(pi_x, pi_y, lse)``, π_x
+            ``(B, B)`` with rows summing to 1, π_y ``(B, B)`` with columns summing to 1,
+            and ``lse (2, B)`` the two directions' log-partitions.
     """
     E = as_dtype(sim.detach(), wd)
     r = 1.0 / tau

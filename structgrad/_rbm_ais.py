@@ -59,8 +59,10 @@ def ais_betas(num_betas: int, *, dtype: torch.dtype = torch.float64, device: Any
 
     Args:
         num_betas: K ≥ 2 intermediate distributions, endpoints included.
+
     Returns:
         ``(num_betas,)`` increasing, from 0 to 1.
+
     Examples:
         >>> ais_betas(5)
         tensor([0.0000, 0.5000, 0.9000, 0.9500, 1.0000], dtype=torch.float64)
@@ -183,7 +185,14 @@ def temperature_ais(
         model: a :class:`~structgrad.BernoulliRBM` or :class:`~structgrad.ReplicatedSoftmax`.
         lengths: ``None`` (RBM) or ``(R,)`` the distinct document lengths (RSM).
         out_shape: shape of the result; ``inverse`` maps it to the R lengths (or ``None``).
-        num_chains, num_betas, betas, base_visible_bias, generator: as documented there.
+        num_chains: M ≥ 2 runs per distinct length.
+        num_betas: the schedule length for :func:`ais_betas` (ignored when ``betas``
+            is given).
+        betas: ``None`` or ``(S,)`` a non-decreasing schedule from 0 to 1.
+        base_visible_bias: ``None`` (the model's visible bias) or ``(K,)`` b_A, the
+            visible bias of the base model.
+        generator: a ``torch.Generator`` on the model's device.
+
     Returns:
         :class:`AISEstimate` of shape ``out_shape``.
     """
@@ -252,7 +261,10 @@ def length_ais(
     Args:
         model: a :class:`~structgrad.ReplicatedSoftmax`.
         lengths: checked document lengths (float, integral values >= 1), any shape.
-        num_chains, steps_per_word, generator: as documented there.
+        num_chains: M ≥ 2 runs.
+        steps_per_word: grid points per word (``None``: 1).
+        generator: a ``torch.Generator`` on the model's device.
+
     Returns:
         :class:`AISEstimate` of ``lengths.shape``.
     """

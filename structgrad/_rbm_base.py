@@ -185,6 +185,7 @@ class RBMBase(nn.Module):
 
         Args:
             v: ``(*batch, K)`` visible vectors (see the class docstring for values).
+
         Returns:
             ``(*batch,)`` free energies, in the parameters' dtype.
         Complexity: O(B·K·F).
@@ -196,6 +197,7 @@ class RBMBase(nn.Module):
 
         Args:
             v: ``(*batch, K)``.
+
         Returns:
             ``(*batch, F)``, differentiable.
         """
@@ -208,6 +210,7 @@ class RBMBase(nn.Module):
         Args:
             v: ``(*batch, K)``.
             generator: a ``torch.Generator`` on the model's device (``None``: torch's default).
+
         Returns:
             ``(*batch, F)`` in {0, 1}, detached.
         """
@@ -238,9 +241,10 @@ class RBMBase(nn.Module):
             v: ``(*batch, K)`` chain starts (not modified).
             k: number of sweeps, ≥ 0 (0 returns a copy).
             generator: a ``torch.Generator`` on the model's device.
+
         Returns:
             ``(*batch, K)`` the chains after k sweeps, detached (RSM: each document
-            keeps its length D).
+                keeps its length D).
         Complexity: O(k·B·K·F) (+ O(k·B·max D) for the RSM's word draws).
         """
         v = self._check_visible(v, "v")
@@ -280,6 +284,7 @@ class RBMBase(nn.Module):
             generator: a ``torch.Generator`` on the model's device.
             reduction: ``"mean"`` (the default) or ``"sum"`` (= B × mean, B the number
                 of data vectors: the same gradient with the learning rate × B).
+
         Returns:
             A scalar; ``loss.backward()`` gives the CD gradient in ``.grad``.
         Complexity: O(k·B·K·F).
@@ -343,9 +348,11 @@ class RBMBase(nn.Module):
                 chain starts on the first call).
             k: sweeps per call, ≥ 1.
             generator: a ``torch.Generator`` on the model's device.
+
         Returns:
             The negatives, detached: ``(M, K)`` (RBM) or ``v0.shape`` (RSM).
         Complexity: O(k·M·K·F) (RBM), O(k·B·(K·F + max D)) (RSM).
+
         Examples:
             >>> import torch, structgrad as sg
             >>> g = torch.Generator().manual_seed(0)

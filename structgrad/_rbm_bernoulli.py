@@ -33,20 +33,25 @@ class BernoulliRBM(RBMBase):
         generator: for the initial weights (``None``: torch's default generator).
         dtype: of the parameters (default: torch's default dtype); inputs must match it.
         device: of the parameters (default: CPU); inputs must be on it.
-    Parameters:
+
+    Module parameters:
         ``weight (K, F)`` = W, ``visible_bias (K,)`` = b, ``hidden_bias (F,)`` = c.
         (scikit-learn's ``BernoulliRBM`` stores ``components_`` = Wᵀ,
         ``intercept_visible_`` = b, ``intercept_hidden_`` = c.)
+
     Buffers:
         ``persistent_chains``: ``None``, or ``(M, K)`` the PCD chains' visible states
         (in the state dict once they exist; see :meth:`persistent_negatives`).
+
     Shapes:
         v: ``(*batch, K)`` with values in [0, 1] (fractional values act as
         probabilities in the positive phase, as in scikit-learn; chains are
         binary); :meth:`log_prob` needs v ∈ {0, 1}.  Integer and bool inputs are
         cast to the parameters' dtype; other float dtypes are refused.
+
     Complexity:
         free energy, one Gibbs sweep: O(B·K·F); exact log Z: O(2^min(K,F)·K·F).
+
     Examples:
         >>> import torch, structgrad as sg
         >>> g = torch.Generator().manual_seed(0)
@@ -88,6 +93,7 @@ class BernoulliRBM(RBMBase):
 
         Args:
             h: ``(*batch, F)`` hidden states (float in the model's dtype).
+
         Returns:
             ``(*batch, K)`` in {0, 1}, detached.
         """
@@ -109,9 +115,10 @@ class BernoulliRBM(RBMBase):
 
         Args:
             max_states: refuse (``DomainError``) when 2^min(K, F) exceeds this.
+
         Returns:
             A 0-dim tensor, differentiable: its gradient is the expected sufficient
-            statistics (E[v hᵀ], E[v], E[h]).
+                statistics (E[v hᵀ], E[v], E[h]).
         Complexity: O(2^min(K,F)·K·F) time, chunked memory.
         """
         n = min(self.num_visible, self.num_hidden)
@@ -162,6 +169,7 @@ class BernoulliRBM(RBMBase):
             base_visible_bias: ``(K,)`` b_A; default: the model's visible bias.
                 A good base is the data's log-odds, log(p̄/(1−p̄)).
             generator: a ``torch.Generator`` on the model's device.
+
         Returns:
             :class:`AISEstimate` with 0-dim ``log_z`` and ``stderr`` and ``(M,)`` log weights.
         Complexity: O(num_betas·M·K·F).
@@ -176,6 +184,7 @@ class BernoulliRBM(RBMBase):
             v: ``(*batch, K)`` binary vectors.
             log_z: a 0-dim tensor (e.g. ``ais_log_partition().log_z``); ``None``:
                 the exact :meth:`log_partition`.
+
         Returns:
             ``(*batch,)``, differentiable in the parameters.
         """

@@ -42,18 +42,23 @@ class ReplicatedSoftmax(RBMBase):
         generator: for the initial weights (``None``: torch's default generator).
         dtype: of the parameters (default: torch's default dtype); inputs must match it.
         device: of the parameters (default: CPU); inputs must be on it.
-    Parameters:
+
+    Module parameters:
         ``weight (K, F)`` = W, ``visible_bias (K,)`` = b, ``hidden_bias (F,)`` = a.
+
     Buffers:
         ``persistent_chains``: ``None``, or ``(M, K)`` the PCD chains' last documents;
         each PCD call draws h from them and then the words at the current documents'
         lengths (in the state dict once they exist; see :meth:`persistent_negatives`).
+
     Shapes:
         v: ``(*batch, K)`` non-negative integer counts (integer dtype, or the
         parameters' float dtype with integral values), each document of length ≥ 1.
+
     Complexity:
         free energy, one Gibbs sweep: O(B·K·F) (+ O(B·max D) per sweep for the word
         draws); exact log Z_D for L lengths: O(2^F·K·F + 2^F·L).
+
     Examples:
         >>> import torch, structgrad as sg
         >>> g = torch.Generator().manual_seed(0)
@@ -143,6 +148,7 @@ class ReplicatedSoftmax(RBMBase):
         Args:
             h: ``(*batch, F)`` hidden states (float in the model's dtype).
             lengths: ``(*batch,)`` integer document lengths D_n ≥ 1.
+
         Returns:
             ``(*batch, K)`` counts summing to ``lengths``, detached.
         """
@@ -182,9 +188,10 @@ class ReplicatedSoftmax(RBMBase):
         Args:
             lengths: document lengths D ≥ 1, an int or an integer tensor of any shape.
             max_states: refuse (``DomainError``) when 2^F exceeds this.
+
         Returns:
             ``lengths.shape`` log partition functions, differentiable (gradient:
-            E_{p_D}[v hᵀ], E_{p_D}[v], s(D)·E_{p_D}[h]).
+                E_{p_D}[v hᵀ], E_{p_D}[v], s(D)·E_{p_D}[h]).
         Complexity: O(2^F·(K·F + L)) time for L lengths; memory chunked.
         """
         D = self._check_lengths(lengths, "lengths")
@@ -260,9 +267,10 @@ class ReplicatedSoftmax(RBMBase):
             base_visible_bias: temperature path only: ``(K,)`` b_A; default: the
                 model's visible bias.  A good base is the log unigram frequencies.
             generator: a ``torch.Generator`` on the model's device.
+
         Returns:
             :class:`AISEstimate` with ``log_z`` and ``stderr`` of ``lengths.shape``
-            and log weights ``(M, *lengths.shape)``.
+                and log weights ``(M, *lengths.shape)``.
         Complexity: length path O(steps_per_word·max D·M·(K·F + max D));
         temperature path O(num_betas·M·U·(K·F + max D)) for U distinct lengths.
         """
@@ -291,6 +299,7 @@ class ReplicatedSoftmax(RBMBase):
                 :meth:`ais_log_partition` of ``v.sum(-1)``); ``None``: exact.
             counts: add log(D! / Π_k v_k!) to get the probability of the count
                 vector instead of the ordered sequence.
+
         Returns:
             ``(*batch,)``, differentiable in the parameters.
         """
@@ -313,6 +322,7 @@ class ReplicatedSoftmax(RBMBase):
         Args:
             v: ``(*batch, K)`` held-out documents.
             log_z: ``(*batch,)`` log Z_{D_n} (e.g. AIS); ``None``: exact.
+
         Returns:
             A 0-dim tensor (detached).
         """

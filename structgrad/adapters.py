@@ -266,8 +266,8 @@ def per_instance_solver(
         binary: check outputs are in {0, 1}.
 
     Returns:
-        A :class:`PerInstanceSolver` (MAP only): ``solver.map(theta)`` gives
-        ``(*batch, *event)`` in θ's dtype and device; pass it as ``solver=`` anywhere.
+        A new :class:`PerInstanceSolver` (MAP only); ``solver.map(theta)`` gives
+            ``(*batch, *event)`` in θ's dtype and device; pass it as ``solver=`` anywhere.
 
     Raises:
         DTypeError: bad ``fn``, ``event_ndim``, ``threads`` or ``batched_kwargs`` (a wrong type).

@@ -162,12 +162,16 @@ def dpm_surrogate(
         tau: temperature τ > 0.
         num_samples: the dataset size n ≥ B.
         zeta_estimator: ``"seed"`` or ``"unbiased"`` (module docstring).
+
     Returns:
         :class:`DPMOutput`; ``surrogate`` has gradient Ĝ_w with respect to ``sim``.
+
     Shapes:
         sim ``(B, B)``; every vector ``(B,)``; outputs ``()`` or ``(B,)``, in sim's dtype.
+
     Complexity:
         O(B²) time and memory, a few passes over a (B, B) buffer per direction.
+
     Examples:
         >>> import torch, structgrad as sg
         >>> from structgrad.dpm import dpm_surrogate
@@ -245,6 +249,7 @@ class DPMLoss(nn.Module):
         ``zeta_momentum`` (2, n): their momentum u.  ``xi`` (2,): ξ_y (row 0), ξ_x (row 1).
         ``visited`` (n,) bool: s has been set.  ``zeta_started`` (n,) bool: u has been set.
         ``step`` () int64: training steps taken.
+
     Forward:
         ``forward(sim, index)`` with ``sim (B, B)``, ``sim[i, j] = E_w(x_i, y_j)`` for the
         pairs at dataset positions ``index (B,)`` (distinct, in [0, n)); any B in [2, n]
@@ -253,20 +258,24 @@ class DPMLoss(nn.Module):
         batch **inside forward** (there is no separate step method; the derivative uses the
         ζ from before the step), and counts the step.  In eval mode nothing is written.
         Returns a :class:`DPMOutput`: backpropagate ``surrogate``, log ``objective``.
+
     Shapes:
         sim ``(B, B)`` float (any float dtype; computed in at least float32 and the state's
         dtype), index ``(B,)`` integer, same device as the state.
+
     Complexity:
         O(B²) time and memory per call (one fused softmax and a few passes over a (B, B)
         buffer per direction, no Python loop over the batch); O(n) state.  A few host
         synchronisations per call (the index checks, the step counter, and a finiteness
         check of the result, which inspects sim only when something is not finite).
+
     Data parallel:
         gather the features of every rank with :func:`all_gather_with_grad` (and the
         indices), compute the full (B, B) sim on every rank and call the loss there; the
         state then evolves identically on every rank, and DDP's gradient averaging gives
         the gradient of one process on the concatenated batch.  Call :meth:`update_xi`
         on every rank.
+
     Examples:
         >>> import torch, structgrad as sg
         >>> crit = sg.DPMLoss(1000, tau=0.1, gamma=0.8, xi=0.0, zeta_lr=1e-3)

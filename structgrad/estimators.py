@@ -110,9 +110,11 @@ def straight_through(
         minimize: the solver *minimises* ⟨z, θ⟩ (θ are costs); the gradient is negated.
         reduce: ``"none"`` (the S samples) or ``"mean"`` (their average).
         **solver_kwargs: passed to every ``map`` call (``lengths=`` for the chain).
+
     Returns:
         the structure of θ, ``(S, *batch, *event)`` per leaf (``"mean"``: without S).
     Complexity: one batched ``map`` of S·B instances; backward O(S·|θ|).
+
     Examples:
         >>> import torch, structgrad as sg
         >>> theta = torch.randn(2, 5, requires_grad=True)
@@ -160,12 +162,15 @@ def marginal_straight_through(
         reduce: ``"none"`` (the S samples) or ``"mean"`` (their average).
         **solver_kwargs: passed to the ``sample`` and ``marginals`` calls
             (``lengths=`` for the chain).
+
     Returns:
         the structure of θ, ``(S, *batch, *event)`` per leaf (``"mean"``: without S).
+
     Raises:
         CapabilityError: the solver's ``sample`` is not exact or its marginals are not
             differentiable (``capabilities.differentiable_marginals``).
     Complexity: ``sample`` of S per instance plus one ``marginals`` with autograd.
+
     Examples:
         >>> import torch, structgrad as sg
         >>> theta = torch.randn(3, 8, requires_grad=True)
@@ -238,9 +243,11 @@ def blackbox(theta: Any, solver: Any, *, lam: float = 1.0, minimize: bool = Fals
         lam: λ > 0, the interpolation step.
         minimize: the solver *minimises* ⟨z, θ⟩ (θ are costs); the gradient is negated.
         **solver_kwargs: passed to both ``map`` calls (``lengths=`` for the chain).
+
     Returns:
         z = MAP(θ), the structure of θ (no sample dimension: the method is deterministic).
     Complexity: one ``map`` in forward, one in backward.
+
     Examples:
         >>> import torch, structgrad as sg
         >>> theta = torch.tensor([[0.0, 1.0, 2.0]], requires_grad=True)
@@ -295,13 +302,16 @@ def score_function(
         generator: the ``torch.Generator`` (on θ's device) the samples are drawn from.
         **solver_kwargs: passed to the ``sample`` and ``log_partition`` calls
             (``lengths=`` for the chain).
+
     Returns:
         ``(S, *batch)``: the losses L(z_s), differentiable with the estimator above.
+
     Raises:
         CapabilityError: a solver without ``sample`` or ``log_partition``.
         ShapeError: ``loss`` returned a shape other than ``(S, *batch)``.
         DomainError: the leave-one-out baseline with S < 2.
     Complexity: ``sample`` of S per instance, one ``log_partition`` with autograd.
+
     Examples:
         >>> import torch, structgrad as sg
         >>> theta = torch.zeros(3, requires_grad=True)

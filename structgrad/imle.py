@@ -215,11 +215,11 @@ def imle(
 
     Returns:
         z, the structure of θ: per leaf ``(S, *batch, *event)`` (``reduce="none"``)
-        or ``(*batch, *event)`` (``"mean"``), θ's dtype and device, differentiable
-        with the I-MLE backward.  The backward returns the average over the S samples
-        of the per-sample estimates: sum per-sample losses over the sample dimension
-        (rather than average them) when g_s should be the gradient of one sample's
-        loss; an average divides every g_s, and so the step λ·g_s, by S.
+            or ``(*batch, *event)`` (``"mean"``), θ's dtype and device, differentiable
+            with the I-MLE backward.  The backward returns the average over the S samples
+            of the per-sample estimates: sum per-sample losses over the sample dimension
+            (rather than average them) when g_s should be the gradient of one sample's
+            loss; an average divides every g_s, and so the step λ·g_s, by S.
 
     Shapes and layout:
         θ leaf ``(*b, *e)`` → z leaf ``(S, *b, *e)``.  The solver is called on θ with

@@ -106,6 +106,7 @@ def exact_gradient(theta: torch.Tensor, loss: Callable[[torch.Tensor], torch.Ten
             broadcast over the batch).
         structures: the M feasible structures, a tensor ``(M, n)`` or a list of ``(n,)``
             tensors (e.g. :func:`structgrad.testing.subset_structures`).
+
     Returns:
         ``(*batch, n)``: Σ_z p(z; θ) (L(z) − E_p[L]) z, per instance.
     Complexity: O(M · n · B) time and memory.
@@ -145,8 +146,9 @@ def ksubset_task(
         seed: the seed of θ and b (drawn on the CPU in float64).
         dtype: the dtype of θ, b and the true gradient.
         device: the device of θ, b and the true gradient (``None``: the CPU).
+
     Returns:
-        a :class:`Task` with θ ``(batch, n)`` (``(n,)`` when batch is 1).
+        The new :class:`Task`, with θ ``(batch, n)`` (``(n,)`` when batch is 1).
     """
     n = V.check_positive_int(n, "n")
     k = V.check_positive_int(k, "k", minimum=0)
@@ -306,8 +308,9 @@ def run(
             marginals, ``score-function`` samples and log Z, ``imle-sog`` a ``k``).
         samples: the S values; lams: the λ values (for estimators that take one).
         seeds: draws per setting (generator seeds ``seed .. seed + seeds - 1``).
+
     Returns:
-        a :class:`LabResult`.
+        The measured :class:`LabResult` (one row per estimator and setting).
     Complexity: Σ over settings of ``seeds`` estimator calls.
     """
     solver = get_solver(task.solver)

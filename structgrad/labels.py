@@ -35,8 +35,10 @@ def chain_indicators(
         shared_edge: return transition counts ``(*b, C, C)`` instead of per-position
             edge indicators ``(*b, T−1, C, C)`` (for a shared ``(C, C)`` edge θ).
         dtype: floating dtype of the result.
+
     Returns:
         ``(node (*b, T, C), edge (*b, T−1, C, C) or (*b, C, C))``, on labels' device.
+
     Examples:
         >>> node, edge = chain_indicators(torch.tensor([[0, 2, 1]]), 3)
         >>> edge[0, 0]   # transition 0 -> 2 at t = 0

@@ -85,11 +85,12 @@ def logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Te
         x: tensor of scores, may contain ``-inf``.
         dim: reduction dimension.
         keepdim: keep the reduced dimension (size 1).
+
     Returns:
         ``x`` reduced along ``dim``; ``-inf`` where every entry is ``-inf`` (or ``dim``
-        is empty), in which case the gradient is 0 (not NaN).  Gradient:
-        ``softmax(x, dim)``; its own derivative (double backward) is the covariance
-        ``diag(μ) − μμᵀ``, μ = softmax(x, dim), with or without ``keepdim``.
+            is empty), in which case the gradient is 0 (not NaN).  Gradient:
+            ``softmax(x, dim)``; its own derivative (double backward) is the covariance
+            ``diag(μ) − μμᵀ``, μ = softmax(x, dim), with or without ``keepdim``.
     """
     dim = dim % x.dim() if x.dim() else 0
     if x.dim() == 0:
@@ -162,9 +163,10 @@ def gumbel_argmax(
     Args:
         logits: ``(*b, n)`` unnormalised log-probabilities along ``dim`` (``-inf`` allowed).
         num_samples: S.
+
     Returns:
         ``(S, *b)`` int64 indices distributed as ``softmax(logits, dim)``.  Rows that
-        are all ``-inf`` give index ``-1`` (nothing can be drawn).
+            are all ``-inf`` give index ``-1`` (nothing can be drawn).
     """
     dim = dim % logits.dim()
     logits = logits.movedim(dim, -1).detach()
@@ -195,8 +197,10 @@ def multinomial_counts(
         totals: ``(*b,)`` an integer tensor (any integer dtype) of trial counts >= 0;
             a row whose logits are all ``-inf`` (or with n = 0) can only have total 0.
         generator: a ``torch.Generator`` on logits' device.
+
     Returns:
         ``(*b, n)`` counts in logits' dtype, each row summing to its total.
+
     Raises:
         DTypeError: logits not floating, totals not an integer tensor (e.g. 2.5).
         ShapeError: totals' shape is not logits' batch shape.
@@ -204,6 +208,7 @@ def multinomial_counts(
             for a row with no possible outcome.
     Complexity: O(B·max(totals)) time and memory beyond the output; one host
     synchronisation (two when something is wrong, to write the message).
+
     Examples:
         >>> import torch
         >>> from structgrad.logspace import multinomial_counts

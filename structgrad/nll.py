@@ -108,12 +108,16 @@ def nll(theta: Any, gold: Any, solver: Any, **kwargs: Any) -> torch.Tensor:
     autograd, so Hessian-vector products are exact (Jacobian of μ = Cov_p(z)) for
     solvers with ``capabilities.differentiable_marginals``; for the others it raises
     :class:`~structgrad.errors.CapabilityError` rather than return a wrong answer.
+
     Returns:
         ``(*batch,)`` losses; ``+inf`` where the gold structure has score ``-inf``.
+
     Shapes:
         theta leaf ``(*b, *e)`` or ``(*e)``; gold leaf ``(*b, *e)``; out ``(*b,)``.
+
     Complexity:
         one ``log_partition_and_marginals`` call in forward; backward is elementwise.
+
     Examples:
         >>> import torch, structgrad as sg
         >>> theta = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)

@@ -190,10 +190,13 @@ def sample_gamma(
         generator: a ``torch.Generator`` on ``device`` (``None``: torch's global one).
         dtype: the floating dtype of the result (the draws are computed in float64).
         device: the device of the result (``None``: the CPU).
+
     Returns:
         ``shape`` tensor of Gamma(a, 1) variables (density x^(a−1) e^(−x) / Γ(a)).
+
     Complexity:
         O(N) work for N = prod(shape) entries, about log(N)/log(20) vectorised passes.
+
     Examples:
         >>> import torch
         >>> from structgrad.noise import sample_gamma

@@ -115,11 +115,14 @@ def perturbed_optimizer(
         minimize: the solver *minimises* ⟨z, θ⟩ (θ are costs); the gradient is negated.
         reduce: ``"none"`` (the S samples) or ``"mean"`` (their average, ȳ_τ itself).
         **solver_kwargs: passed to every ``map`` call (``lengths=`` for the chain).
+
     Returns:
         the structure of θ, ``(S, *batch, *event)`` per leaf (``"mean"``: without S).
+
     Raises:
         DomainError: ``noise=None``, a noise without ``grad_neg_log_density``, τ ≤ 0.
     Complexity: one batched ``map`` of S·B instances; backward O(S·|θ|), no solver call.
+
     Examples:
         >>> import torch, structgrad as sg
         >>> theta = torch.tensor([0.0, 1.0, 2.0], requires_grad=True)
@@ -211,10 +214,12 @@ def perturbed_fenchel_young_loss(
         minimize: the solver *minimises* ⟨z, θ⟩ (θ are costs): the loss is that of the
             maximisation problem in −θ.
         **solver_kwargs: passed to every ``map`` call (``lengths=`` for the chain).
+
     Returns:
         ``(*batch,)`` losses; gradient w.r.t. θ: ȳ_τ(θ) − y (shared leaves summed over
-        the batch); w.r.t. the target: −θ.
+            the batch); w.r.t. the target: −θ.
     Complexity: one batched ``map`` of S·B instances; the backward calls no solver.
+
     Examples:
         >>> import torch, structgrad as sg
         >>> theta = torch.zeros(2, 4, requires_grad=True)

@@ -126,6 +126,7 @@ class Solver:
             expands exactly these; a tensor given for one of them must have θ's batch
             shape as its leading dims and sit on θ's device.  Every name in
             ``batched_kwargs`` is also a call kwarg.
+
     Instance attributes:
         name: the name it was obtained under from the registry (or ``None``).
         validate: run the checks that need a host synchronisation (NaN and +inf in

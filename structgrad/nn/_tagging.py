@@ -78,15 +78,18 @@ def allowed_transitions(tags: Sequence[str], scheme: str = "BIO") -> TransitionC
         tags: the tag names in tag-id order (``tags[i]`` is the name of tag id i), e.g.
             ``["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]``.
         scheme: ``"BIO"`` (IOB2), ``"BIOES"`` or ``"BILOU"`` (see the module docstring).
+
     Returns:
         :class:`TransitionConstraints` ``(transitions (C, C), start (C,), end (C,))``,
-        bool CPU tensors (a :class:`~structgrad.nn.LinearChainCRF` keeps them as
-        buffers, which move with ``.to(device)``).
+            bool CPU tensors (a :class:`~structgrad.nn.LinearChainCRF` keeps them as
+            buffers, which move with ``.to(device)``).
+
     Raises:
         DomainError: an unknown scheme, a tag name the scheme does not know, a repeated
             name or an empty list.
         DTypeError: a tag name that is not a string.
     Complexity: O(C²).
+
     Examples:
         >>> import structgrad as sg
         >>> c = sg.nn.allowed_transitions(["O", "B-PER", "I-PER"], scheme="BIO")

@@ -178,9 +178,10 @@ class LinearChainCRF(torch.nn.Module):
             lengths: ``(B,)`` or ``None``.
             reduction: ``"mean"`` (over the batch), ``"sum"``, ``"none"`` (``(B,)``) or
                 ``"token_mean"`` (sum over the batch ÷ number of tokens, at least 1).
+
         Returns:
             the loss: a scalar, or ``(B,)`` for ``"none"``.  A length-0 sequence has
-            loss 0.  Backward: μ − z(tags) (model marginals minus gold indicators).
+                loss 0.  Backward: μ − z(tags) (model marginals minus gold indicators).
         """
         reduction = V.check_choice(reduction, _REDUCTIONS, "reduction")
         emissions, lengths = self._check_inputs(emissions, lengths)
@@ -233,6 +234,7 @@ class LinearChainCRF(torch.nn.Module):
                 tags Σ_t p(y_t) — per position, the tag of highest marginal when there
                 are no transition constraints; with them, the best allowed sequence (a
                 Viterbi pass over the marginals), so no forbidden sequence is returned.
+
         Returns:
             tag ids ``(B, T)``; an infeasible instance is −1 throughout.
         """
