@@ -639,11 +639,13 @@ def _global_kernel(edge, f32, gK32, gK64, gemax):
 # ----------------------------------------------------------------------------- Viterbi and sampling
 @_jit
 def _viterbi_range(b0, b1, node, edge, eb, et, lengths, labels):
-    """Best labels of instances b0 ≤ b < b1 (−1 past the length and for infeasible instances)."""
+    """Best labels of instances b0 ≤ b < b1 (−1 past the length and for infeasible instances).
+
+    Forward v_t[j] = max_i (v_{t−1}[i] + edge[i, j]) + node_t[j] without back-pointers (a
+    vectorised max); back-tracking recomputes y_t = argmax_i (v_t[i] + edge_t[i, y_{t+1}])
+    from the very same sums (lowest i on ties), as the torch backend does on the CPU."""
     B, T, C = node.shape
     v = np.empty((T, C))
-    bp = np.zeros((T, C), np.int64)
-    m = np.empty(C)
     for b in range(b0, b1):
         L = lengths[b]
         for t in range(T):
@@ -654,19 +656,17 @@ def _viterbi_range(b0, b1, node, edge, eb, et, lengths, labels):
             v[0, j] = node[b, 0, j]
         for t in range(1, L):
             E = edge[b * eb + (t - 1) * et]
-            p = bp[t]
+            m = v[t]
             for j in range(C):
                 m[j] = _NEG_INF
-                p[j] = 0
             for i in range(C):
                 vi = v[t - 1, i]
+                Ei = E[i]
                 for j in range(C):
-                    x = vi + E[i, j]
-                    better = x > m[j]
-                    m[j] = x if better else m[j]
-                    p[j] = i if better else p[j]
+                    x = vi + Ei[j]
+                    m[j] = x if x > m[j] else m[j]
             for j in range(C):
-                v[t, j] = m[j] + node[b, t, j]
+                m[j] += node[b, t, j]
         y = 0
         best = v[L - 1, 0]
         for j in range(1, C):
@@ -676,9 +676,17 @@ def _viterbi_range(b0, b1, node, edge, eb, et, lengths, labels):
         if best == _NEG_INF:
             continue
         labels[b, L - 1] = y
-        for t in range(L - 1, 0, -1):
-            y = bp[t, y]
-            labels[b, t - 1] = y
+        for t in range(L - 2, -1, -1):
+            E = edge[b * eb + t * et]
+            k = 0
+            bk = v[t, 0] + E[0, y]
+            for i in range(1, C):
+                x = v[t, i] + E[i, y]
+                if x > bk:
+                    bk = x
+                    k = i
+            y = k
+            labels[b, t] = y
 
 
 @_jit
@@ -958,13 +966,18 @@ def t_log_partition(node, edge, lengths=None, threads: int = 1):
     return _t(log_partition(_np(node), _np(edge), _np_lengths(lengths, B, T), threads), node.dtype)
 
 
-def t_log_partition_and_marginals(node, edge, lengths=None, weight=None, threads: int = 1):
-    """torch version of :func:`log_partition_and_marginals`: ``(A, mu, emu)`` in node's dtype."""
+def t_log_partition_and_marginals(node, edge, lengths=None, weight=None, threads: int = 1, parallel: str = "threads"):
+    """torch version of :func:`log_partition_and_marginals`: ``(A, mu, emu)`` in node's dtype
+    (``weight``: a (B,) tensor, e.g. the incoming gradient of A)."""
     import torch
 
     B, T, _ = node.shape
-    w = None if weight is None else weight.detach().to(torch.float64).reshape(B).numpy()
-    logz, mu, emu = log_partition_and_marginals(_np(node), _np(edge), _np_lengths(lengths, B, T), w, threads)
+    w = None if weight is None else weight.detach().to("cpu", torch.float64).reshape(B).numpy()
+    args = (_np(node), _np(edge), _np_lengths(lengths, B, T), w, threads, parallel)
+    if parallel == "prange" and threads > 1:
+        logz, mu, emu = repin_torch_threads(log_partition_and_marginals, *args)
+    else:
+        logz, mu, emu = log_partition_and_marginals(*args)
     dt = node.dtype
     return _t(logz, dt), _t(mu, dt), _t(emu, dt)
 
