@@ -61,7 +61,7 @@ References: L. Rabiner, "A tutorial on hidden Markov models" (1989); J. Lafferty
 A. McCallum, F. Pereira, "Conditional random fields" (ICML 2001); D. McAllester,
 "The model marginals" (TTIC 31230, 2019).
 
-Example:
+Examples:
     >>> import torch, structgrad as sg
     >>> chain = sg.get_solver("chain")
     >>> node, edge = torch.randn(2, 5, 3), torch.randn(3, 3)
