@@ -62,7 +62,7 @@ from structgrad.logspace import logsumexp
 __all__ = ["log_partition", "log_partition_and_marginals", "viterbi", "choose_path"]
 
 _EXP_RANGE = {torch.float32: 32.0, torch.float64: 300.0}
-_BLOCK = 1 << 24  # elements of one (n, C, C, C) temporary in the log / max-plus products
+_BLOCK = {"cpu": 1 << 22, "cuda": 1 << 27}  # elements of one (n, C, C, C) temporary (log / max-plus products)
 _NEG_INF = float("-inf")
 
 
@@ -103,8 +103,8 @@ def _mm_exp(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, out, torch.full_like(out, _NEG_INF))
 
 
-def _blocks(n: int, C: int):
-    step = max(1, _BLOCK // max(C * C * C, 1))
+def _blocks(n: int, C: int, device: torch.device):
+    step = max(1, _BLOCK.get(device.type, _BLOCK["cpu"]) // max(C * C * C, 1))
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 
@@ -118,7 +118,7 @@ class _LogMM(torch.autograd.Function):
         C = shape[-1]
         Xf, Yf = X.reshape(-1, C, C), Y.reshape(-1, C, C)
         out = torch.empty_like(Xf)
-        for a, b in _blocks(Xf.shape[0], C):
+        for a, b in _blocks(Xf.shape[0], C, Xf.device):
             out[a:b] = torch.logsumexp(Xf[a:b, :, :, None] + Yf[a:b, None, :, :], dim=-2)
         ctx.save_for_backward(Xf, Yf, out)
         return out.reshape(shape)
@@ -129,7 +129,7 @@ class _LogMM(torch.autograd.Function):
         C = Xf.shape[-1]
         Gf = G.reshape(-1, C, C)
         gX, gY = torch.empty_like(Xf), torch.empty_like(Yf)
-        for a, b in _blocks(Xf.shape[0], C):
+        for a, b in _blocks(Xf.shape[0], C, Xf.device):
             o = out[a:b, :, None, :]
             W = torch.exp(Xf[a:b, :, :, None] + Yf[a:b, None, :, :] - finite_or_zero(o))  # [i, k, j]
             W = torch.where(torch.isneginf(o), torch.zeros_like(W), W) * Gf[a:b, :, None, :]
@@ -147,7 +147,7 @@ def _mm_max(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     C = X.shape[-1]
     Xf, Yf = X.reshape(-1, C, C), Y.reshape(-1, C, C)
     out = torch.empty_like(Xf)
-    for a, b in _blocks(Xf.shape[0], C):
+    for a, b in _blocks(Xf.shape[0], C, Xf.device):
         out[a:b] = (Xf[a:b, :, :, None] + Yf[a:b, None, :, :]).amax(-2)
     return out.reshape(X.shape)
 
