@@ -71,23 +71,29 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def choose_path(node: torch.Tensor, edge: torch.Tensor) -> tuple[str, torch.dtype]:
-    """``("exp", wide dtype)`` or ``("log", float64)`` by the torch backend's rule (one host sync)."""
+def _choose(node: torch.Tensor, edge: torch.Tensor) -> tuple[str, torch.dtype, bool]:
+    """(path, compute dtype, every node score finite) by the torch backend's rule; one host sync."""
     wide = _wide(node.dtype)
-    if edge.numel() == 0 and node.numel() == 0:
-        return "exp", wide
+    if node.numel() == 0:
+        return "exp", wide, True
     nmax = node.amax(-1)
     if edge.numel():
         emax, emin = edge.amax((-2, -1)), edge.amin((-2, -1))
-        erange = (emax - emin).max()
+        erange = (emax - emin).max().to(torch.float64)
         efin = torch.isfinite(emin).all()
     else:
-        erange, efin = node.new_zeros(()), torch.ones((), dtype=torch.bool, device=node.device)
+        erange, efin = torch.zeros((), dtype=torch.float64, device=node.device), torch.ones((), dtype=torch.bool, device=node.device)
     nmin = node.masked_fill(torch.isneginf(node), float("inf")).amin(-1)
-    nrange = torch.where(torch.isneginf(nmax), torch.zeros_like(nmax), nmax - nmin).max()
+    nrange = torch.where(torch.isneginf(nmax), torch.zeros_like(nmax), nmax - nmin).max().to(torch.float64)
     alive = ~torch.isneginf(nmax).any()
-    ok = efin & alive & (erange.to(torch.float64) + nrange.to(torch.float64) <= _EXP_RANGE[wide])
-    return ("exp", wide) if bool(ok) else ("log", torch.float64)
+    ok = efin & alive & (erange + nrange <= _EXP_RANGE[wide])
+    ok, nfin = torch.stack([ok, torch.isfinite(node.amin())]).tolist()
+    return ("exp", wide, bool(nfin)) if ok else ("log", torch.float64, False)
+
+
+def choose_path(node: torch.Tensor, edge: torch.Tensor) -> tuple[str, torch.dtype]:
+    """``("exp", wide dtype)`` or ``("log", float64)`` by the torch backend's rule (one host sync)."""
+    return _choose(node, edge)[:2]
 
 
 # ----------------------------------------------------------------------------- semiring products
@@ -101,6 +107,13 @@ def _mm_exp(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     pos = S > 0
     out = torch.log(torch.where(pos, S, torch.ones_like(S))) + r + c
     return torch.where(pos, out, torch.full_like(out, _NEG_INF))
+
+
+def _mm_exp_finite(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """:func:`_mm_exp` when every entry is finite (no structural zeros): fewer ops."""
+    r = X.detach().amax(-1, keepdim=True)
+    c = Y.detach().amax(-2, keepdim=True)
+    return torch.matmul((X - r).exp(), (Y - c).exp()).log() + (r + c)
 
 
 def _blocks(n: int, C: int, device: torch.device):
@@ -160,8 +173,7 @@ def _matrices(node: torch.Tensor, edge: torch.Tensor, lengths: torch.Tensor | No
     E = edge if edge.dim() == 4 else (edge.unsqueeze(0) if edge.dim() == 3 else edge.view(1, 1, C, C))
     M = E + node[:, 1:, None, :]
     if lengths is None:
-        valid = torch.ones((B, T - 1), dtype=torch.bool, device=node.device)
-        return M, valid
+        return M, None
     valid = torch.arange(T - 1, device=node.device).unsqueeze(0) < (lengths.view(B, 1) - 1)
     return torch.where(valid[:, :, None, None], M, torch.zeros((), dtype=M.dtype, device=M.device)), valid
 
@@ -176,6 +188,10 @@ def _up_sweep(X: torch.Tensor, V: torch.Tensor, mm, keep: bool = False):
     """Balanced-tree product of X (B, N, C, C) along dim 1, skipping invalid segments.
     Returns the total product (B, C, C) (and, with ``keep``, every level's (X, V))."""
     levels = []
+    while V is None and X.shape[1] > 1:  # every position valid: no selects
+        n = X.shape[1]
+        prod = mm(X[:, 0 : n - 1 : 2], X[:, 1::2])
+        X = torch.cat([prod, X[:, n - 1 :]], 1) if n % 2 else prod
     while X.shape[1] > 1:
         X, V = _pad_even(X, V)
         if keep:
@@ -205,6 +221,12 @@ def _sum_product(node, edge, lengths, mm):
     return torch.where(lengths > 0, A1, torch.zeros_like(A1))
 
 
+def _product(path: str, finite: bool):
+    if path == "log":
+        return _mm_log
+    return _mm_exp_finite if finite else _mm_exp
+
+
 def _cast_in(node, edge, cdtype):
     return node.to(cdtype), edge.to(cdtype)
 
@@ -212,9 +234,9 @@ def _cast_in(node, edge, cdtype):
 def log_partition(node: torch.Tensor, edge: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """A = log Z (B,) by the log-depth tree, differentiable (its backward is the marginals,
     with the same depth); batch-less edges get the batch-summed gradient, as usual."""
-    path, cdtype = choose_path(node.detach(), edge.detach())
+    path, cdtype, finite = _choose(node.detach(), edge.detach())
     n, e = _cast_in(node, edge, cdtype)
-    A = _sum_product(n, e, lengths, _mm_exp if path == "exp" else _mm_log)
+    A = _sum_product(n, e, lengths, _product(path, finite))
     return A.to(node.dtype)
 
 
@@ -223,8 +245,8 @@ def log_partition_and_marginals(node: torch.Tensor, edge: torch.Tensor, lengths:
     per-position edges (both layouts) or expected transition counts ``(B, C, C)`` for a
     ``(C, C)`` edge.  Marginals by autograd through the tree (depth O(log T))."""
     B, T, C = node.shape
-    path, cdtype = choose_path(node.detach(), edge.detach())
-    mm = _mm_exp if path == "exp" else _mm_log
+    path, cdtype, finite = _choose(node.detach(), edge.detach())
+    mm = _product(path, finite)
     with torch.enable_grad():
         n = node.detach().to(cdtype).requires_grad_()
         e = edge.detach().to(cdtype)
@@ -232,7 +254,7 @@ def log_partition_and_marginals(node: torch.Tensor, edge: torch.Tensor, lengths:
             e = e.unsqueeze(0).expand(B, T - 1, C, C)
         elif edge.dim() == 2:
             e = e.unsqueeze(0).expand(B, C, C)
-        e = e.clone().requires_grad_()  # one copy per instance: per-instance marginals
+        e = (e.clone() if edge.dim() < 4 else e).requires_grad_()  # a leaf per instance: per-instance marginals
         e_in = e if edge.dim() != 2 else e.unsqueeze(1)  # (B, 1, C, C): shared by positions
         A = _sum_product(n, e_in, lengths, mm)
         if T == 1:
@@ -262,6 +284,8 @@ def viterbi(node: torch.Tensor, edge: torch.Tensor, lengths: torch.Tensor | None
         v = node
     else:
         M, valid = _matrices(node, edge, lengths)
+        if valid is None:
+            valid = torch.ones(M.shape[:2], dtype=torch.bool, device=dev)
         # one trailing skipped slot, so the down-sweep yields v_0 .. v_{T−1}
         M = torch.cat([M, torch.zeros_like(M[:, :1])], 1)
         valid = torch.cat([valid, torch.zeros_like(valid[:, :1])], 1)

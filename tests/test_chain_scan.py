@@ -157,13 +157,13 @@ def test_half_precision_is_computed_in_float32(dtype):
 def test_depth_is_logarithmic(monkeypatch):
     """One batched semiring product per tree level: ⌈log2(T − 1)⌉ of them, whatever T."""
     calls = []
-    real = cs._mm_exp
-
-    def counting(X, Y):
-        calls.append(X.shape[1])
-        return real(X, Y)
-
-    monkeypatch.setattr(cs, "_mm_exp", counting)
+    for name in ("_mm_exp", "_mm_exp_finite", "_mm_log"):
+        real = getattr(cs, name)
+        monkeypatch.setattr(cs, name, lambda X, Y, real=real: calls.append(X.shape[1]) or real(X, Y))
     node, edge = make(B=2, T=65, C=2, seed=8)
-    cs.log_partition_and_marginals(node, edge)
-    assert calls == [32, 16, 8, 4, 2, 1]
+    for lengths in (None, torch.tensor([65, 30])):
+        for kw in ({}, {"scale": 200.0}):
+            node, edge = make(B=2, T=65, C=2, seed=8, **kw)
+            calls.clear()
+            cs.log_partition_and_marginals(node, edge, lengths)
+            assert calls == [32, 16, 8, 4, 2, 1]
