@@ -61,7 +61,9 @@ def viterbi(p: Problem) -> torch.Tensor:
         if on_cpu:  # amax is much cheaper than max-with-indices here; argmax is redone on back-tracking
             torch.amax(x, dim=1, out=out)
         else:  # on a GPU the indices come free, and one transfer beats a kernel per back step
-            torch.max(x, dim=1, out=(out, bp[t]))
+            m, idx = torch.max(x, dim=1)  # not out=(out, bp[t]): CUDA refuses out= views of other strides (B = 1)
+            out.copy_(m)
+            bp[t].copy_(idx)
         if not folded:
             torch.add(best, ns[t], out=vs[t])
         if t % every == 0:

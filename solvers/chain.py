@@ -1,4 +1,4 @@
-"""``chain``: linear-chain CRF inference by forward-backward (torch backend).
+"""``chain``: linear-chain CRF inference by forward-backward.
 
 Structures are labellings y ∈ {0..C−1}^L of a chain of length L ≤ T, with score
 
@@ -54,8 +54,24 @@ edge marginals by their own logsumexp, so scores of ±1e30 or ±1e300 (float64) 
 finite marginals that match enumeration (for such scores, the indicator of the best
 labelling).
 
-The kernels live in ``_chain_torch`` (forward-backward, the autograd Function) and
-``_chain_decode`` (Viterbi, FFBS); helpers shared with ``tree`` in ``_pairwise``.
+Backends (``get_solver("chain", backend=...)``), all exact, with the same numbers
+within float tolerance and the same MAP labels (ties to the lowest label):
+
+* ``"torch"``: batched torch ops, sequential over the T positions (CPU and CUDA);
+  kernels in ``_chain_torch`` (forward-backward, the autograd Function) and
+  ``_chain_decode`` (Viterbi, FFBS).
+* ``"numba"``: compiled CPU loops (``_numba_chain``), one fused pass per instance,
+  over the batch on torch's thread count (``prange``).  CPU only.  The first call on a
+  machine compiles (about 15–20 s per input dtype); the code is cached on disk.
+* ``"scan"``: a log-depth parallel-prefix scan over the per-position (C, C) matrices in
+  the log semiring (max-plus for Viterbi), O(log T) sequential steps (``_chain_scan``):
+  for GPUs, where the sequential loop is bound by kernel launches.  Sampling uses the
+  torch kernels.
+* ``"auto"`` (the default): ``"numba"`` for CPU tensors (when numba is installed;
+  measured faster than ``"torch"`` in every CPU case, 1.3× to 30×), ``"scan"`` for CUDA
+  tensors (log Z, marginals, MAP), ``"torch"`` otherwise and for sampling on CUDA.
+
+Helpers shared with ``tree`` live in ``_pairwise``.
 
 References: L. Rabiner, "A tutorial on hidden Markov models" (1989); J. Lafferty,
 A. McCallum, F. Pereira, "Conditional random fields" (ICML 2001); D. McAllester,
@@ -76,23 +92,46 @@ from typing import Any
 import torch
 
 from structgrad import checks as V
-from structgrad.errors import ShapeError
+from structgrad.errors import DomainError, ShapeError
 from structgrad.solver import Capabilities, Solver
 
+from ._chain_backends import HAVE_NUMBA, LogPartition, backend
 from ._chain_decode import ffbs, viterbi
 from ._chain_torch import ChainLogPartition, Problem, backward, forward, log_messages, log_z
 from ._pairwise import label_indicators, pair_indicators
 
 __all__ = ["ChainSolver"]
 
-_BACKENDS = ("torch",)
+#: largest finite |score| the numba and scan kernels take (beyond: the torch kernels).
+_MODERATE = 1e15
+
+
+def _moderate(node: torch.Tensor, edge: torch.Tensor) -> bool:
+    """Every finite score of θ is below ``_MODERATE`` in magnitude (one host sync)."""
+    big = [torch.where(torch.isfinite(x), x.abs(), 0).amax() for x in (node.detach(), edge.detach()) if x.numel()]
+    return not big or bool(torch.stack(big).max() < _MODERATE)
+
+_BACKENDS = ("auto", "torch", "numba", "scan")
 
 
 class ChainSolver(Solver):
     """Exact linear-chain solver (forward-backward, Viterbi, FFBS); see the module docstring.
 
     Args:
-        backend: ``"torch"`` (batched torch ops; CPU and CUDA).
+        backend: ``"auto"`` (default: numba on CPU, the log-depth scan on CUDA),
+            ``"torch"`` (sequential batched torch ops; CPU and CUDA), ``"numba"``
+            (compiled CPU loops; CPU only) or ``"scan"`` (log-depth scan; any device).
+            See the module docstring.
+
+    Call kwargs:
+        lengths: ``(*batch,)`` integers in ``[0, T]`` (default: all T), batched.
+
+    Shapes:
+        θ = ``(node (*b, T, C), edge (*b, T-1, C, C) | (T-1, C, C) | (C, C))``; ``map``,
+        ``marginals``: the same (counts ``(*b, C, C)`` for a ``(C, C)`` edge);
+        ``log_partition``: ``(*b,)``; ``sample``: ``(S, ...)``.
+
+    Complexity: O(B·T·C²) time; the scan O(B·T·C³) work in O(log T) steps.
     """
 
     capabilities = Capabilities(map="exact", marginals="exact", log_partition="exact", sample="exact")
@@ -100,8 +139,45 @@ class ChainSolver(Solver):
     batched_kwargs = ("lengths",)
     num_leaves = 2
 
-    def __init__(self, backend: str = "torch"):
+    def __init__(self, backend: str = "auto"):
         self.backend = V.check_choice(backend, _BACKENDS, "backend")
+        if backend == "numba":
+            if not HAVE_NUMBA:
+                raise DomainError("backend: 'numba' needs the numba package, which is not installed; use backend='torch'")
+            self.capabilities = type(self).capabilities.replace(devices=("cpu",))
+
+    def __repr__(self) -> str:
+        return f"ChainSolver(backend={self.backend!r})"
+
+    def _impl(self, theta: Any, op: str) -> str:
+        """The backend that runs ``op`` for θ.
+
+        The numba and scan kernels are exact for scores up to ~1e15 in magnitude; beyond
+        that (where float64 can no longer hold their O(1) differences next to the huge
+        parts) the torch kernels, which centre every position exactly, take over."""
+        node, edge = theta
+        name = self.backend
+        if name == "auto":
+            name = "scan" if node.device.type == "cuda" else ("numba" if HAVE_NUMBA and node.device.type == "cpu" else "torch")
+        if name == "scan" and op == "sample":
+            return "torch"
+        if name != "torch" and not _moderate(node, edge):
+            return "torch"
+        return name
+
+    @staticmethod
+    def _flat(theta: Any, lengths: torch.Tensor | None):
+        """node ``(B, T, C)``, the edge (a per-instance edge flattened to ``(B, T−1, C, C)``,
+        a shared one as it is) and lengths ``(B,)``."""
+        node, edge = theta
+        T, C = node.shape[-2:]
+        B = node.shape[:-2].numel()
+        per_instance = edge.dim() == node.dim() + 1
+        return (
+            node.reshape(B, T, C),
+            edge.reshape(B, T - 1, C, C) if per_instance else edge,
+            None if lengths is None else lengths.reshape(-1),
+        )
 
     # -- shapes
     def event_ndims(self, theta: Any) -> tuple[int, ...]:
@@ -166,15 +242,31 @@ class ChainSolver(Solver):
         return Problem(node.detach(), edge.detach(), lengths)
 
     def _log_partition(self, theta: Any, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        p = self._problem(theta, lengths)
-        return ChainLogPartition.apply(theta[0], theta[1], p)
+        node, edge = theta
+        impl = self._impl(theta, "log_partition")
+        if impl == "torch":
+            return ChainLogPartition.apply(node, edge, self._problem(theta, lengths))
+        nf, ef, lf = self._flat(theta, lengths)
+        return LogPartition.apply(nf, ef, lf, backend(impl)).reshape(node.shape[:-2])
 
     def _log_partition_and_marginals(self, theta: Any, lengths: torch.Tensor | None = None):
-        p = self._problem(theta, lengths)
-        state, c = forward(p)
-        logz = log_z(p, c).reshape(p.batch).to(p.dtype)
-        mu, emu = backward(p, state, consume=True)
-        return logz, (p.unflatten(mu, (p.T, p.C)), p.unflatten(emu, p.edge_event()))
+        node, edge = theta
+        impl = self._impl(theta, "marginals")
+        if impl == "torch":
+            p = self._problem(theta, lengths)
+            state, c = forward(p)
+            logz = log_z(p, c).reshape(p.batch).to(p.dtype)
+            mu, emu = backward(p, state, consume=True)
+            return logz, (p.unflatten(mu, (p.T, p.C)), p.unflatten(emu, p.edge_event()))
+        nf, ef, lf = self._flat(theta, lengths)
+        logz, mu, emu = backend(impl).log_partition_and_marginals(nf, ef, lf)
+        batch = tuple(node.shape[:-2])
+        T, C = node.shape[-2:]
+        edge_event = (C, C) if edge.dim() == 2 else (T - 1, C, C)
+        return (
+            logz.reshape(batch).to(node.dtype),
+            (mu.reshape(batch + (T, C)).to(node.dtype), emu.reshape(batch + edge_event).to(node.dtype)),
+        )
 
     def _marginals(self, theta: Any, lengths: torch.Tensor | None = None):
         with torch.no_grad():
@@ -182,20 +274,31 @@ class ChainSolver(Solver):
 
     def _map(self, theta: Any, lengths: torch.Tensor | None = None):
         with torch.no_grad():
-            p = self._problem(theta, lengths)
-            return self._indicators(p, viterbi(p).unsqueeze(0), lead=())
+            impl = self._impl(theta, "map")
+            if impl == "torch":
+                labels = viterbi(self._problem(theta, lengths))
+            else:
+                labels = backend(impl).viterbi(*self._flat(theta, lengths)).to(theta[0].device)
+            return self._indicators(theta, labels.unsqueeze(0), lead=())
 
     def _sample(self, theta: Any, num_samples: int, generator: torch.Generator | None, lengths: torch.Tensor | None = None):
         with torch.no_grad():
-            p = self._problem(theta, lengths)
-            state, _ = forward(p)
-            labels = ffbs(p, log_messages(p, state), num_samples, generator)
-            return self._indicators(p, labels, lead=(num_samples,))
+            if self._impl(theta, "sample") == "numba":
+                nf, ef, lf = self._flat(theta, lengths)
+                labels = backend("numba").sample(nf, ef, lf, num_samples, generator)
+            else:
+                p = self._problem(theta, lengths)
+                state, _ = forward(p)
+                labels = ffbs(p, log_messages(p, state), num_samples, generator)
+            return self._indicators(theta, labels, lead=(num_samples,))
 
     @staticmethod
-    def _indicators(p: Problem, labels: torch.Tensor, lead: tuple[int, ...]):
-        """labels (S, B, T) with −1 for 'no label' -> (node, edge) indicators with leading ``lead``."""
-        node = label_indicators(labels, p.C, p.dtype)
-        edge = pair_indicators(labels[..., :-1], labels[..., 1:], p.C, p.dtype, counts=p.mode == "shared")
-        shape_b = lead + tuple(p.batch)
-        return node.reshape(shape_b + (p.T, p.C)), edge.reshape(shape_b + p.edge_event())
+    def _indicators(theta: Any, labels: torch.Tensor, lead: tuple[int, ...]):
+        """labels ``(S, B, T)`` with −1 for 'no label' -> (node, edge) indicators with leading ``lead``."""
+        node, edge = theta
+        T, C = node.shape[-2:]
+        node_ind = label_indicators(labels, C, node.dtype)
+        edge_ind = pair_indicators(labels[..., :-1], labels[..., 1:], C, node.dtype, counts=edge.dim() == 2)
+        shape_b = lead + tuple(node.shape[:-2])
+        edge_event = (C, C) if edge.dim() == 2 else (T - 1, C, C)
+        return node_ind.reshape(shape_b + (T, C)), edge_ind.reshape(shape_b + edge_event)

@@ -72,9 +72,10 @@ def test_cases_cover_both_paths():
     assert paths == {"exp", "log"}
 
 
+@pytest.mark.parametrize("backend", ["torch", "numba", "scan"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_check_solver(case):
-    ran = check_solver(CHAIN, [case], num_samples=2000)
+def test_check_solver(case, backend):
+    ran = check_solver(sg.get_solver("chain", backend=backend), [case], num_samples=2000)
     assert ran["log_partition_oracle"] == ran["marginals_oracle"] == ran["map_feasible_optimal"] == ND
     assert ran["sample_frequencies"] == ND
 
@@ -90,6 +91,7 @@ def test_check_solver(case):
     data=st.data(),
 )
 def test_property_against_enumeration(B, T, C, mode, scale, seed, data):
+    CHAIN = sg.get_solver("chain", backend=data.draw(st.sampled_from(["torch", "numba", "scan"])))
     theta = make(B=(B,), T=T, C=C, mode=mode, scale=scale, seed=seed)
     lengths = torch.tensor(data.draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))
     oracle = BruteForce(CHAIN, chain_enum(mode == "shared"))
@@ -337,7 +339,7 @@ def test_error_nan_scores_and_backend():
     node[0, 1, 0] = float("nan")
     with pytest.raises(sg.DomainError, match=r"theta\[0\]: expected scores that are finite or -inf \(impossible\), got 1 NaN"):
         CHAIN.log_partition((node, edge))
-    with pytest.raises(sg.DomainError, match="backend: expected one of 'torch', got 'cuda-magic'"):
+    with pytest.raises(sg.DomainError, match="backend: expected one of 'auto', 'torch', 'numba', 'scan', got 'cuda-magic'"):
         sg.get_solver("chain", backend="cuda-magic")
 
 
@@ -385,3 +387,33 @@ def test_backward_twice_with_retain_graph(mode, scale):
     lz.sum().backward()
     torch.testing.assert_close(n.grad, 2 * g1[0])
     torch.testing.assert_close(e.grad, 2 * g1[1])
+
+
+@pytest.mark.parametrize("backend", ["numba", "scan", "auto"])
+def test_backends_hand_extreme_scores_to_the_torch_kernels(backend, monkeypatch):
+    """numba and scan are exact for |score| < 1e15; beyond, the torch kernels take over
+    (they centre every position exactly): huge tied scores keep their O(1) differences."""
+    from structgrad.solvers import _chain_backends as cb
+
+    s = sg.get_solver("chain", backend=backend)
+    C, T = 3, 4
+    edge = torch.full((C, C), -1e300, dtype=torch.float64)
+    edge.fill_diagonal_(1e300)
+    node = torch.randn(2, T, C, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    mu_n, mu_e = s.marginals((node, edge))
+    p = torch.softmax(node.sum(1), -1)  # only constant labellings survive
+    torch.testing.assert_close(mu_n, p.unsqueeze(1).expand(2, T, C), atol=1e-12, rtol=0)
+    torch.testing.assert_close(mu_e, torch.diag_embed(p) * (T - 1), atol=1e-12, rtol=0)
+    # moderate scores do run on the requested kernels
+    calls = []
+    impl = cb.backend("numba" if backend == "auto" else backend)
+    orig = impl.log_partition_and_marginals
+    monkeypatch.setattr(impl, "log_partition_and_marginals", lambda *a: calls.append(1) or orig(*a))
+    s.marginals((node, torch.randn(C, C, dtype=torch.float64)))
+    assert calls == [1]
+
+
+def test_backend_numba_is_cpu_only_and_named_in_repr():
+    s = sg.get_solver("chain", backend="numba")
+    assert s.capabilities.devices == ("cpu",) and "numba" in repr(s)
+    assert sg.get_solver("chain").backend == "auto"

@@ -1,0 +1,151 @@
+"""Chain backends beyond the sequential torch kernels (private): numba and the log-depth scan.
+
+Both compute, on a flattened batch (node ``(B, T, C)``, edge ``(B, T−1, C, C)`` |
+``(T−1, C, C)`` | ``(C, C)``, lengths ``(B,)`` or ``None``), the functions
+
+* ``log_partition(node, edge, lengths) -> A (B,)``,
+* ``log_partition_and_marginals(node, edge, lengths) -> (A, mu (B,T,C), emu)`` with emu
+  ``(B, T−1, C, C)`` for per-position edges and transition counts ``(B, C, C)`` for a
+  ``(C, C)`` edge,
+* ``viterbi(node, edge, lengths) -> labels (B, T)`` (−1 past a length or when infeasible),
+
+and :class:`LogPartition` turns the first two into an autograd Function whose backward
+is the marginals (recomputed in the backward, so nothing edge-sized is kept between the
+passes).  numba is imported on first use only.
+
+Examples:
+    >>> import torch
+    >>> from structgrad.solvers import _chain_backends as cb
+    >>> node, edge = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    >>> scan = cb.backend("scan")
+    >>> torch.allclose(scan.log_partition(node, edge, None), cb.backend("torch_ref").log_partition(node, edge, None))
+    True
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+import torch
+
+from ._pairwise import refuse_create_graph
+
+__all__ = ["HAVE_NUMBA", "backend", "LogPartition"]
+
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+
+
+class _Numba:
+    """The compiled CPU kernels of ``_numba_chain`` (imported on first use)."""
+
+    name = "numba"
+
+    def __init__(self) -> None:
+        self._mod = None
+
+    @property
+    def mod(self) -> Any:
+        if self._mod is None:
+            self._mod = importlib.import_module(f"{__package__}._numba_chain")
+        return self._mod
+
+    @staticmethod
+    def _threads() -> tuple[int, str]:
+        n = torch.get_num_threads()
+        return (n, "prange") if n > 1 else (1, "threads")
+
+    def log_partition(self, node, edge, lengths):
+        threads, _ = self._threads()
+        return self.mod.t_log_partition(node, edge, lengths, threads=threads)
+
+    def log_partition_and_marginals(self, node, edge, lengths):
+        threads, parallel = self._threads()
+        return self.mod.t_log_partition_and_marginals(node, edge, lengths, threads=threads, parallel=parallel)
+
+    def viterbi(self, node, edge, lengths):
+        return self.mod.t_viterbi(node, edge, lengths, threads=self._threads()[0])
+
+    def sample(self, node, edge, lengths, num_samples, generator):
+        return self.mod.t_sample(node, edge, num_samples, generator=generator, lengths=lengths, threads=self._threads()[0])
+
+
+class _Scan:
+    """The log-depth parallel-prefix scan of ``_chain_scan`` (pure torch; any device)."""
+
+    name = "scan"
+
+    def __init__(self) -> None:
+        from . import _chain_scan
+
+        self.mod = _chain_scan
+
+    def log_partition(self, node, edge, lengths):
+        with torch.no_grad():
+            return self.mod.log_partition(node, edge, lengths)
+
+    def log_partition_and_marginals(self, node, edge, lengths):
+        return self.mod.log_partition_and_marginals(node, edge, lengths)
+
+    def viterbi(self, node, edge, lengths):
+        with torch.no_grad():
+            return self.mod.viterbi(node, edge, lengths)
+
+
+class _TorchReference:
+    """The sequential torch kernels behind the same three functions (for tests and doctests)."""
+
+    name = "torch_ref"
+
+    def log_partition_and_marginals(self, node, edge, lengths):
+        from ._chain_torch import Problem, backward, forward, log_z
+
+        p = Problem(node.detach(), edge.detach(), lengths)
+        state, c = forward(p)
+        mu, emu = backward(p, state, consume=True)
+        return log_z(p, c).reshape(p.batch).to(p.dtype), mu.to(p.dtype), emu.to(p.dtype)
+
+    def log_partition(self, node, edge, lengths):
+        return self.log_partition_and_marginals(node, edge, lengths)[0]
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def backend(name: str) -> Any:
+    """The backend object ``"numba"``, ``"scan"`` or ``"torch_ref"`` (created once)."""
+    if name not in _CACHE:
+        _CACHE[name] = {"numba": _Numba, "scan": _Scan, "torch_ref": _TorchReference}[name]()
+    return _CACHE[name]
+
+
+class LogPartition(torch.autograd.Function):
+    """A(θ) by a backend; backward = μ·grad from the backend's marginals (recomputed).
+
+    ``forward(ctx, node (B,T,C), edge, lengths, impl)``.  The gradient of a shared edge
+    (``(C, C)`` or ``(T−1, C, C)``) is the batch sum of its per-instance marginals.
+    Second derivatives are refused (:func:`refuse_create_graph`), as for the torch kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, node: torch.Tensor, edge: torch.Tensor, lengths: torch.Tensor | None, impl: Any) -> torch.Tensor:
+        ctx.save_for_backward(node, edge)
+        ctx.lengths, ctx.impl = lengths, impl
+        return impl.log_partition(node.detach(), edge.detach(), lengths).to(node.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        refuse_create_graph("chain")
+        node, edge = ctx.saved_tensors
+        _, mu, emu = ctx.impl.log_partition_and_marginals(node.detach(), edge.detach(), ctx.lengths)
+        g = grad.to(mu.dtype)
+        g_node = (mu * g.view(-1, 1, 1)).to(node.dtype) if ctx.needs_input_grad[0] else None
+        g_edge = None
+        if ctx.needs_input_grad[1]:
+            if edge.dim() == 4:  # per instance and position
+                g_edge = emu * g.view(-1, 1, 1, 1)
+            else:  # shared: sum over the batch (emu is (B, C, C) counts or (B, T-1, C, C))
+                g_edge = torch.tensordot(g, emu, dims=1)
+            g_edge = g_edge.to(edge.dtype)
+        return g_node, g_edge, None, None
