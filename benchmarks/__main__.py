@@ -4,11 +4,14 @@
     python -m benchmarks --quick         # smoke run: tiny sizes, seconds each
     python -m benchmarks --only chain ilp
     python -m benchmarks --device cuda   # the benchmarks that have a CUDA variant
+    python -m benchmarks --splice README.md docs/benchmarks.md   # and put the table there
 
 Writes ``benchmarks/out/results.md`` (the Markdown table README.md shows, with
 the date and machine), ``results.json`` and ``ratios.png`` (one bar per row, log
 scale, 1× marked).  Every ratio is peer time ÷ structgrad's time: "× faster",
-higher is better.
+higher is better.  ``--splice FILE ...`` replaces the text between the lines
+``<!-- benchmarks:begin -->`` and ``<!-- benchmarks:end -->`` of each file with the
+table (with its date and machine), so the figures a reader sees are the script's.
 """
 
 from __future__ import annotations
@@ -56,12 +59,26 @@ def _figure(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+
+
+def splice(path: Path, text: str) -> None:
+    """Replace what stands between the markers of ``path`` with ``text``."""
+    doc = path.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{path}: no {BEGIN} ... {END} block to replace")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, few rounds")
     ap.add_argument("--only", nargs="+", choices=MODULES, help="run only these benchmarks")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"), help="folder for the results")
+    ap.add_argument("--splice", nargs="+", default=[], metavar="FILE", help="put the table between the benchmark markers of FILE")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", module="torch_struct")
     setup(args.device)
@@ -95,6 +112,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if rows:
         _figure(rows, out / "ratios.png", header)
     print(f"\nwrote {out / 'results.md'}, results.json, ratios.png")
+    for f in args.splice:
+        splice(Path(f), header + "\n\n" + table)
+        print(f"spliced the table into {f}")
     return rows
 
 

@@ -126,7 +126,8 @@ def measure(shapes, rounds: int, device: str = "cpu") -> list[dict]:
             _quiet(lambda: (-crf(n, tags, reduction="sum")).backward())
 
         t_nll = interleaved({"structgrad": sg_nll, "pytorch-crf": crf_nll}, rounds)
-        rows.append({"shape": (B, T, C), "check": ok, "marg": t_marg, "vit": t_vit, "nll": t_nll})
+        used = chain._impl((node, edge), "marginals")
+        rows.append({"shape": (B, T, C), "check": ok, "marg": t_marg, "vit": t_vit, "nll": t_nll, "backend": f"auto: {used}"})
     return rows
 
 
@@ -142,11 +143,12 @@ def to_rows(measured: list[dict]) -> list[dict]:
     for r in measured:
         case = "(B,T,C) = ({}, {}, {})".format(*r["shape"])
         m, v, n = r["marg"], r["vit"], r["nll"]
-        rows.append(row("chain", f"log Z + marginals {case}", "log_partition+backward", m["structgrad"], "torch-struct", m["torch-struct"]))
-        rows.append(row("chain", f"log Z + marginals {case}", "log_partition_and_marginals", m["structgrad 1-pass"], "torch-struct", m["torch-struct"]))
-        rows.append(row("chain", f"Viterbi {case}", "map", v["structgrad"], "torch-struct", v["torch-struct"]))
-        rows.append(row("chain", f"Viterbi {case}", "map", v["structgrad"], "pytorch-crf decode", v["pytorch-crf"]))
-        rows.append(row("chain", f"nll fwd+bwd, shared (C,C) {case}", "nll", n["structgrad"], "pytorch-crf", n["pytorch-crf"]))
+        b = r["backend"]
+        rows.append(row("chain", f"log Z + marginals {case}", f"log_partition+backward [{b}]", m["structgrad"], "torch-struct", m["torch-struct"]))
+        rows.append(row("chain", f"log Z + marginals {case}", f"log_partition_and_marginals [{b}]", m["structgrad 1-pass"], "torch-struct", m["torch-struct"]))
+        rows.append(row("chain", f"Viterbi {case}", f"map [{b}]", v["structgrad"], "torch-struct", v["torch-struct"]))
+        rows.append(row("chain", f"Viterbi {case}", f"map [{b}]", v["structgrad"], "pytorch-crf decode", v["pytorch-crf"]))
+        rows.append(row("chain", f"nll fwd+bwd, shared (C,C) {case}", f"nll [{b}]", n["structgrad"], "pytorch-crf", n["pytorch-crf"]))
     return rows
 
 

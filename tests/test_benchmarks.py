@@ -35,3 +35,15 @@ def test_suite_quick_run_writes_table_json_and_figure(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("Measured ") and "| × faster |" in table
     assert (tmp_path / "ratios.png").stat().st_size > 10_000
+
+
+def test_splice_replaces_only_the_marked_block(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.__main__ import splice
+    finally:
+        sys.path.remove(str(ROOT))
+    f = tmp_path / "doc.md"
+    f.write_text("before\n<!-- benchmarks:begin -->\nold\n<!-- benchmarks:end -->\nafter\n")
+    splice(f, "Measured today.\n\n| table |")
+    assert f.read_text() == "before\n<!-- benchmarks:begin -->\nMeasured today.\n\n| table |\n<!-- benchmarks:end -->\nafter\n"
