@@ -13,6 +13,7 @@ Conventions (one for the whole project):
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -22,7 +23,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["setup", "interleaved", "row", "markdown", "machine", "fmt_ms"]
+__all__ = ["setup", "interleaved", "row", "markdown", "machine", "fmt_ms", "cli"]
 
 _sync: Callable[[], None] = lambda: None  # noqa: E731
 
@@ -108,3 +109,16 @@ def machine(device: str = "cpu") -> str:
     else:
         where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread"
     return f"{when}, {where}"
+
+
+def cli(run: Callable[..., list[dict]], doc: str, argv: list[str] | None = None) -> None:
+    """The command line of a benchmark module whose ``run(quick, device, rounds)`` returns rows."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (smoke run)")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = ap.parse_args(argv)
+    setup(args.device)
+    rows = run(args.quick, args.device, args.rounds)
+    print(f"Measured {machine(args.device)}; medians of interleaved rounds; ratio = peer / structgrad\n")
+    print(markdown(rows))

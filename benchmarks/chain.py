@@ -28,7 +28,6 @@ Before timing, each pair of contenders is checked to compute the same numbers.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 from pathlib import Path
@@ -39,7 +38,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import structgrad as sg  # noqa: E402
-from benchmarks._common import interleaved, machine, markdown, row, setup  # noqa: E402
+from benchmarks._common import cli, interleaved, row  # noqa: E402
 
 
 def _peers():
@@ -168,15 +167,7 @@ def run(quick: bool = False, device: str = "cpu", rounds: int = 15) -> list[dict
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (smoke run)")
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    args = ap.parse_args(argv)
-    setup(args.device)
-    rows = run(args.quick, args.device, args.rounds)
-    print(f"Measured {machine(args.device)}; medians of interleaved rounds; ratio = peer / structgrad\n")
-    print(markdown(rows))
+    cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -145,13 +145,15 @@ def get_solver(solver: str | Solver | Callable[..., Any], **options: Any) -> Sol
     Built-in solvers and their options (θ shapes and call kwargs in each class's
     docstring, e.g. ``help(structgrad.solvers.chain.ChainSolver)``):
 
-    ===============  ==========================================================
-    ``categorical``  no options; θ ``(*b, n)``, one-hot z
-    ``bernoulli``    no options; θ ``(*b, n)``, any binary z
-    ``chain``        ``backend``; θ ``(node (*b,T,C), edge)``; call kwarg ``lengths``
-    ``ksubset``      ``k``, ``backend``, ``schedule``, ``sampler``; θ ``(*b, n)``
-    ``ilp``          ``A``, ``b``, ``A_eq``, ``b_eq``, time limits, ``method``; MAP only
-    ===============  ==========================================================
+    - ``categorical``: no options; θ ``(*b, n)``, one-hot z.
+    - ``bernoulli``: no options; θ ``(*b, n)``, any binary z.
+    - ``chain``: ``backend`` (``"auto"``, ``"torch"``, ``"numba"``, ``"scan"``);
+      θ ``(node (*b,T,C), edge)``; call kwarg ``lengths (*b,)``.
+    - ``tree``: ``graph`` (a networkx forest on 0..N−1), ``backend``;
+      θ ``(node (*b,N,C), edge (*b,E,C,C) or (E,C,C))``.
+    - ``ksubset``: ``k``, ``backend``, ``schedule``, ``sampler``; θ ``(*b, n)``.
+    - ``ilp``: ``A``, ``b``, ``A_eq``, ``b_eq`` (real-valued), time limits, ``method``;
+      θ ``(*b, n)``; MAP only.
 
     Raises:
         UnknownSolverError: the name is unknown (the message lists the known names).

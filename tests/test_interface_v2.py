@@ -273,3 +273,9 @@ def test_unshare_gives_shared_leaves_a_per_instance_layout():
     assert chain.unshare((node, shared))[1].shape == (3, 4, 2, 2)
     th = torch.randn(3, 4)                                # nothing shared: unchanged
     assert sg.get_solver("categorical").unshare(th) is th
+
+
+def test_help_of_get_solver_lists_every_builtin():
+    doc = sg.get_solver.__doc__
+    for name in _catalog.BUILTIN_SOLVERS:
+        assert f"``{name}``" in doc, name
