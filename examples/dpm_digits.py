@@ -157,7 +157,7 @@ def main(argv=None):
           f"batch {args.batch_size}, tau {args.tau}, {args.epochs} epochs, {args.seeds} seeds")
     results = {m: [] for m in METHODS}
     t0 = time.perf_counter()
-    with tqdm(total=len(METHODS) * args.seeds * args.epochs, desc="training", leave=False) as bar:
+    with tqdm(total=len(METHODS) * args.seeds * args.epochs, desc="training", leave=False, disable=None) as bar:
         for seed in range(args.seeds):
             for m in METHODS:
                 results[m].append(train_one(m, seed, train, test, args, bar))

@@ -85,7 +85,7 @@ def mosaic(x: torch.Tensor, rows: int, cols: int) -> np.ndarray:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run in seconds")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     p.add_argument("--seed", type=int, default=0)
