@@ -14,11 +14,11 @@ is the marginals (recomputed in the backward, so nothing edge-sized is kept betw
 passes).  numba is imported on first use only.
 
 Examples:
-    >>> import torch
+    >>> import torch, structgrad as sg
     >>> from structgrad.solvers import _chain_backends as cb
     >>> node, edge = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
-    >>> scan = cb.backend("scan")
-    >>> torch.allclose(scan.log_partition(node, edge, None), cb.backend("torch_ref").log_partition(node, edge, None))
+    >>> ref = sg.get_solver("chain", backend="torch").log_partition((node, edge))
+    >>> torch.allclose(cb.backend("scan").log_partition(node, edge, None), ref)
     True
 """
 
@@ -93,30 +93,13 @@ class _Scan:
             return self.mod.viterbi(node, edge, lengths)
 
 
-class _TorchReference:
-    """The sequential torch kernels behind the same three functions (for tests and doctests)."""
-
-    name = "torch_ref"
-
-    def log_partition_and_marginals(self, node, edge, lengths):
-        from ._chain_torch import Problem, backward, forward, log_z
-
-        p = Problem(node.detach(), edge.detach(), lengths)
-        state, c = forward(p)
-        mu, emu = backward(p, state, consume=True)
-        return log_z(p, c).reshape(p.batch).to(p.dtype), mu.to(p.dtype), emu.to(p.dtype)
-
-    def log_partition(self, node, edge, lengths):
-        return self.log_partition_and_marginals(node, edge, lengths)[0]
-
-
 _CACHE: dict[str, Any] = {}
 
 
 def backend(name: str) -> Any:
-    """The backend object ``"numba"``, ``"scan"`` or ``"torch_ref"`` (created once)."""
+    """The backend object ``"numba"`` or ``"scan"`` (created once)."""
     if name not in _CACHE:
-        _CACHE[name] = {"numba": _Numba, "scan": _Scan, "torch_ref": _TorchReference}[name]()
+        _CACHE[name] = {"numba": _Numba, "scan": _Scan}[name]()
     return _CACHE[name]
 
 
