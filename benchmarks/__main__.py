@@ -44,14 +44,14 @@ def _figure(rows: list[dict], path: Path, title: str) -> None:
     ratios = [max(r["ratio"], 1e-3) for r in rows]
     benches = list(dict.fromkeys(r["benchmark"] for r in rows))
     colours = {b: plt.cm.tab10(i % 10) for i, b in enumerate(benches)}
-    fig, ax = plt.subplots(figsize=(11, 0.32 * len(rows) + 1.6))
+    fig, ax = plt.subplots(figsize=(16, 0.3 * len(rows) + 1.6))
     y = range(len(rows))[::-1]
     ax.barh(list(y), ratios, color=[colours[r["benchmark"]] for r in rows])
     ax.axvline(1.0, color="k", lw=1, ls="--", label="1× (as fast as the peer)")
     ax.set_xscale("log")
     ax.set_yticks(list(y), labels, fontsize=7)
     ax.set_xlabel("peer time ÷ structgrad time (× faster, log scale)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, loc="left")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[b]) for b in benches]
     ax.legend(handles + [ax.lines[0]], benches + ["1×"], loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
