@@ -59,17 +59,16 @@ def _figure(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
-
-
-def splice(path: Path, text: str) -> None:
-    """Replace what stands between the markers of ``path`` with ``text``."""
+def splice(path: Path, text: str, name: str = "benchmarks") -> None:
+    """Replace what stands between the lines ``<!-- {name}:begin -->`` and
+    ``<!-- {name}:end -->`` of ``path`` with ``text`` (generated figures in documents)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     doc = path.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{path}: no {BEGIN} ... {END} block to replace")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{path}: no {begin} ... {end} block to replace")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
