@@ -16,7 +16,10 @@ rounds:
   torch-struct: ``LinearChainCRF(φ).partition`` + ``.marginals`` (its marginals
   are autograd of the partition) on the equivalent potentials
   φ[t, j, i] = edge[t, i, j] + node[t+1, j] (+ node[0, i] at t = 0).
-* ``viterbi``: structgrad ``map`` vs torch-struct ``.argmax`` vs pytorch-crf ``decode``.
+* ``viterbi``: structgrad ``map`` vs torch-struct ``.argmax`` on the per-position
+  potentials above, and structgrad ``map((node, shared))`` vs pytorch-crf ``decode`` with
+  one shared (C, C) transition matrix (pytorch-crf's only layout; the inputs coincide,
+  as for the nll below).
 * ``nll f+b (shared)``: the negative log-likelihood of gold tags and its backward
   with one shared (C, C) transition matrix, where the inputs coincide with
   pytorch-crf's (emissions = node, transitions = edge, start/end transitions 0):
@@ -109,6 +112,7 @@ def measure(shapes, rounds: int, device: str = "cpu") -> list[dict]:
         t_vit = interleaved(
             {
                 "structgrad": lambda: chain.map((node, edge)),
+                "structgrad shared": lambda: chain.map((node, shared)),
                 "torch-struct": lambda: torch_struct.LinearChainCRF(phi).argmax,
                 "pytorch-crf": lambda: _quiet(crf.decode, node),
             },
@@ -146,7 +150,7 @@ def to_rows(measured: list[dict]) -> list[dict]:
         rows.append(row("chain", f"log Z + marginals {case}", f"log_partition+backward [{b}]", m["structgrad"], "torch-struct", m["torch-struct"]))
         rows.append(row("chain", f"log Z + marginals {case}", f"log_partition_and_marginals [{b}]", m["structgrad 1-pass"], "torch-struct", m["torch-struct"]))
         rows.append(row("chain", f"Viterbi {case}", f"map [{b}]", v["structgrad"], "torch-struct", v["torch-struct"]))
-        rows.append(row("chain", f"Viterbi {case}", f"map [{b}]", v["structgrad"], "pytorch-crf decode", v["pytorch-crf"]))
+        rows.append(row("chain", f"Viterbi, shared (C,C) {case}", f"map [{b}]", v["structgrad shared"], "pytorch-crf decode", v["pytorch-crf"]))
         rows.append(row("chain", f"nll fwd+bwd, shared (C,C) {case}", f"nll [{b}]", n["structgrad"], "pytorch-crf", n["pytorch-crf"]))
     return rows
 

