@@ -22,7 +22,7 @@ from ._pairwise import choose
 __all__ = ["viterbi", "ffbs"]
 
 
-def viterbi(p: Problem) -> torch.Tensor:
+def viterbi(p: Problem, pointers: bool | None = None) -> torch.Tensor:
     """Best labels (B, T) by max-product, −1 past the length and for infeasible instances.
 
     Forward: v_t[j] = max_i (v_{t−1}[i] + edge_{t−1}[i, j]) + node_t[j] (time-major,
@@ -30,7 +30,8 @@ def viterbi(p: Problem) -> torch.Tensor:
     score ranges are so wide (~1e306) that 16 steps of sums could overflow).  On the CPU there is no back-pointer table:
     back-tracking recomputes y_t = argmax_i (v_t[i] + edge_t[i, y_{t+1}]) for the chosen
     y_{t+1} only (lowest i on ties), in NumPy.  On a GPU the forward keeps back-pointers
-    (T, B, C), which are copied to the host once and followed there."""
+    (T, B, C), which are copied to the host once and followed there.  ``pointers``
+    forces one way or the other (``None``: by device; the tests run the GPU way on the CPU)."""
     B, T, C = p.B, p.T, p.C
     dev = p.node.device
     # centred scores (no-ops on the log path, where the problem holds them already): the
@@ -52,7 +53,7 @@ def viterbi(p: Problem) -> torch.Tensor:
         E_scan = p.edge if p.centred else p.edge - p.emax[..., None, None]
     every = 16 if p.moderate else 1
     es = p.steps(E_scan)
-    on_cpu = dev.type == "cpu"
+    on_cpu = dev.type == "cpu" if pointers is None else not pointers
     bp = None if on_cpu else torch.zeros((T, B, C), dtype=torch.long, device=dev)
     vs[0].copy_(ns[0])
     for t in range(1, T):

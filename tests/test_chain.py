@@ -354,6 +354,28 @@ def test_error_gold_device_and_shape():
         sg.nll(theta, bad, CHAIN)
 
 
+@pytest.mark.parametrize("mode", ["full", "positional", "shared"])
+@pytest.mark.parametrize("B", [1, 3, 6])
+def test_viterbi_back_pointers_equal_back_tracking(mode, B):
+    """The GPU way of the torch Viterbi (back-pointers kept by the forward, followed on the
+    host), run on the CPU: the same labels as the CPU way (back-tracking by recomputed
+    argmaxes), with lengths, -inf, an infeasible instance, ties and B = 1."""
+    from structgrad.solvers._chain_decode import viterbi
+    from structgrad.solvers._chain_torch import Problem
+
+    for scale, seed in ((1.0, 30), (40.0, 31)):
+        node, edge = make(B=(B,), T=9, C=4, mode=mode, scale=scale, seed=seed)
+        node[0, 2, 1] = -float("inf")
+        if B > 1:
+            node[1, 3] = -float("inf")  # infeasible (within its length)
+        lengths = torch.tensor([9, 5, 0, 1, 9, 4][:B])
+        for th in ((node, edge), (node.round().clamp(-1, 1), edge.round().clamp(-1, 1))):  # and ties
+            got = viterbi(Problem(th[0], th[1], lengths), pointers=True)
+            want = viterbi(Problem(th[0], th[1], lengths), pointers=False)
+            assert torch.equal(got, want)
+            assert torch.equal(want, sg.chain_labels(CHAIN.map(th, lengths=lengths)[0]))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["full", "positional", "shared"])
 def test_cuda_matches_cpu(mode):
