@@ -10,8 +10,9 @@ Both compute, on a flattened batch (node ``(B, T, C)``, edge ``(B, T−1, C, C)`
 * ``viterbi(node, edge, lengths) -> labels (B, T)`` (−1 past a length or when infeasible),
 
 and :class:`LogPartition` turns the first two into an autograd Function whose backward
-is the marginals (recomputed in the backward, so nothing edge-sized is kept between the
-passes).  numba is imported on first use only.
+is the marginals (computed with A in the forward when a gradient is wanted: one fused
+pass instead of a forward pass plus a fused pass in the backward).  numba is imported on
+first use only.
 
 Examples:
     >>> import torch, structgrad as sg
@@ -104,31 +105,38 @@ def backend(name: str) -> Any:
 
 
 class LogPartition(torch.autograd.Function):
-    """A(θ) by a backend; backward = μ·grad from the backend's marginals (recomputed).
+    """A(θ) by a backend; backward = μ·grad from the backend's marginals.
 
-    ``forward(ctx, node (B,T,C), edge, lengths, impl)``.  The gradient of a shared edge
-    (``(C, C)`` or ``(T−1, C, C)``) is the batch sum of its per-instance marginals.
-    Second derivatives are refused (:func:`refuse_create_graph`), as for the torch kernels.
+    ``forward(ctx, node (B,T,C), edge, lengths, impl)``.  When a gradient is wanted the
+    forward runs the backend's fused ``log_partition_and_marginals`` and keeps μ for the
+    backward (memory: one node-sized and one edge-output-sized tensor — the transition
+    counts ``(B, C, C)`` for a ``(C, C)`` edge — between the passes); otherwise the
+    forward pass alone.  The gradient of a shared edge (``(C, C)`` or ``(T−1, C, C)``)
+    is the batch sum of its per-instance marginals.  Second derivatives are refused
+    (:func:`refuse_create_graph`), as for the torch kernels.
     """
 
     @staticmethod
     def forward(ctx, node: torch.Tensor, edge: torch.Tensor, lengths: torch.Tensor | None, impl: Any) -> torch.Tensor:
-        ctx.save_for_backward(node, edge)
-        ctx.lengths, ctx.impl = lengths, impl
-        return impl.log_partition(node.detach(), edge.detach(), lengths).to(node.dtype)
+        if not any(ctx.needs_input_grad[:2]):
+            return impl.log_partition(node.detach(), edge.detach(), lengths).to(node.dtype)
+        logz, mu, emu = impl.log_partition_and_marginals(node.detach(), edge.detach(), lengths)
+        ctx.save_for_backward(mu, emu)
+        ctx.dtypes, ctx.edge_dim = (node.dtype, edge.dtype), edge.dim()
+        return logz.to(node.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         refuse_create_graph("chain")
-        node, edge = ctx.saved_tensors
-        _, mu, emu = ctx.impl.log_partition_and_marginals(node.detach(), edge.detach(), ctx.lengths)
+        mu, emu = ctx.saved_tensors
+        node_dtype, edge_dtype = ctx.dtypes
         g = grad.to(mu.dtype)
-        g_node = (mu * g.view(-1, 1, 1)).to(node.dtype) if ctx.needs_input_grad[0] else None
+        g_node = (mu * g.view(-1, 1, 1)).to(node_dtype) if ctx.needs_input_grad[0] else None
         g_edge = None
         if ctx.needs_input_grad[1]:
-            if edge.dim() == 4:  # per instance and position
+            if ctx.edge_dim == 4:  # per instance and position
                 g_edge = emu * g.view(-1, 1, 1, 1)
             else:  # shared: sum over the batch (emu is (B, C, C) counts or (B, T-1, C, C))
                 g_edge = torch.tensordot(g, emu, dims=1)
-            g_edge = g_edge.to(edge.dtype)
+            g_edge = g_edge.to(edge_dtype)
         return g_node, g_edge, None, None
