@@ -19,8 +19,10 @@ otherwise *re-centred log space* (float64 logsumexp recursions; −inf, wide ran
 and ±1e30 scores give no inf/NaN).  Float32 inputs with R ≤ 32 (the torch backend's
 float32 bound) run the probability-space recursion in float32 arithmetic
 (PATH_EXP32), as the torch backend does; wider float32 instances take the float64
-paths.  Exponentials use :func:`_fexp` / :func:`_fexp32` (vectorisable; relative
-error ≤ 4e-16 / ≤ 2e-7), not libm's scalar exp.
+paths.  Every path, and Viterbi, takes node and transition scores relative to their
+per-position maxima (an exact subtraction), so scores of any finite magnitude keep
+their O(1) differences, as in the torch backend.  Exponentials use :func:`_fexp` /
+:func:`_fexp32` (vectorisable; relative error ≤ 4e-16 / ≤ 2e-7), not libm's scalar exp.
 
 Algorithms, per instance of length L (A = log Z):
 
@@ -29,10 +31,11 @@ Algorithms, per instance of length L (A = log Z):
   A = Σ_{t<L} (log s_t + max node_t) + Σ_{t<L−1} max edge_t.
 * backward: β̂_{L−1} = 1, u = P_{t+1} ⊙ β̂_{t+1} / s_{t+1}, β̂_t = K_t u;
   μ_t = α̂_t ⊙ β̂_t, μ_t[i, j] = α̂_t[i] K_t[i, j] u[j] (one pass over K_t gives both).
-* log space: ᾱ_t[j] = logsumexp_i(ᾱ_{t−1}[i] + edge[i, j]) + node_t[j] − c_t, and the
-  chain backend's β̄, N_t (re-centred at every step).
-* Viterbi: v_t[j] = max_i (v_{t−1}[i] + edge[i, j]) + node_t[j]; back-tracking from the
-  lowest argmax of v_{L−1} recomputes each argmax from the same sums (lowest i on ties).
+* log space: ᾱ_t[j] = logsumexp_i(ᾱ_{t−1}[i] + ē_{t−1}[i, j]) + n̄_t[j] − c_t (ē, n̄: the
+  centred scores), and the chain backend's β̄, N_t (re-centred at every step).
+* Viterbi: v_t[j] = max_i (v_{t−1}[i] + ē_{t−1}[i, j]) + n̄_t[j], re-centred; back-tracking
+  from the lowest argmax of v_{L−1} recomputes each argmax from the same sums (lowest i
+  on ties).
 * FFBS: y_{L−1} ~ α̂_{L−1}, y_t ~ α̂_t[i] K_t[i, y_{t+1}] (log space: ᾱ + edge), each by
   inverse CDF of a caller-given uniform (randomness stays with the caller's
   torch.Generator).

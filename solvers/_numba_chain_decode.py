@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._numba_chain_fb import _exp_forward, _log_forward
-from ._numba_chain_math import _NEG_INF, _fexp, _jit, _maxplus, _work
+from ._numba_chain_math import _NEG_INF, _fexp, _jit, _maxplus, _top, _work
 from ._numba_chain_path import PATH_EXP32, PATH_EXP64, _choose_path
 
 
@@ -24,28 +24,38 @@ from ._numba_chain_path import PATH_EXP32, PATH_EXP64, _choose_path
 def _viterbi_range(b0, b1, node, edge, eb, et, lengths, labels):
     """Best labels of instances b0 ≤ b < b1 (−1 past the length and for infeasible instances).
 
-    Forward v_t[j] = max_i (v_{t−1}[i] + edge[i, j]) + node_t[j] without back-pointers (a
-    vectorised max), in the inputs' dtype (float32 arithmetic for float32 scores, as the
-    torch backend), re-centred at every step (max_j v_t[j] = 0: the shift is the same for
-    every labelling, and the sums stay O(score range) at any length); back-tracking
-    recomputes y_t = argmax_i (v_t[i] + edge_t[i, y_{t+1}]) from the very same sums
-    (lowest i on ties), as the torch backend does on the CPU."""
+    Forward v_t[j] = max_i (v_{t−1}[i] + ē_{t−1}[i, j]) + n̄_t[j] without back-pointers (a
+    vectorised max) on centred scores, ē_t = edge_t − max edge_t and n̄_t = node_t − max
+    node_t (exact subtractions: scores of any finite magnitude keep their O(1)
+    differences, as in the torch backend), in the inputs' dtype (float32 arithmetic for
+    float32 scores, as the torch backend), and re-centred at every step (max_j v_t[j] = 0:
+    the shifts are the same for every labelling, and the sums stay O(score range) at any
+    length); back-tracking recomputes y_t = argmax_i (v_t[i] + ē_t[i, y_{t+1}]) from the
+    very same sums (lowest i on ties), as the torch backend does on the CPU."""
     B, T, C = node.shape
     v = np.empty((T, C), node.dtype)
+    esh = np.empty(max(T - 1, 1), node.dtype)  # max edge_t of the current instance
+    gsh = np.empty(edge.shape[0] if eb == 0 else 0, node.dtype)  # batch-less edges: once
+    for r in range(gsh.size):
+        gsh[r] = _top(edge[r].reshape(C * C))
     for b in range(b0, b1):
         L = lengths[b]
         for t in range(T):
             labels[b, t] = -1
         if L == 0:
             continue
+        sh = _top(node[b, 0])
         for j in range(C):
-            v[0, j] = node[b, 0, j]
+            v[0, j] = node[b, 0, j] - sh
         for t in range(1, L):
             m = v[t]
-            _maxplus(v[t - 1], edge[b * eb + (t - 1) * et], m)
+            r = b * eb + (t - 1) * et
+            esh[t - 1] = gsh[r] if eb == 0 else _top(edge[r].reshape(C * C))
+            _maxplus(v[t - 1], edge[r], esh[t - 1], m)
+            sh = _top(node[b, t])
             top = _NEG_INF
             for j in range(C):
-                m[j] += node[b, t, j]
+                m[j] += node[b, t, j] - sh
                 top = max(top, m[j])
             if top > _NEG_INF:  # re-centre: v_t stays O(score range) whatever the length
                 for j in range(C):
@@ -61,10 +71,11 @@ def _viterbi_range(b0, b1, node, edge, eb, et, lengths, labels):
         labels[b, L - 1] = y
         for t in range(L - 2, -1, -1):
             E = edge[b * eb + t * et]
+            se = esh[t]
             k = 0
-            bk = v[t, 0] + E[0, y]
+            bk = v[t, 0] + (E[0, y] - se)
             for i in range(1, C):
-                x = v[t, i] + E[i, y]
+                x = v[t, i] + (E[i, y] - se)
                 if x > bk:
                     bk = x
                     k = i
@@ -143,14 +154,15 @@ def _sample_range(b0, b1, node, edge, eb, et, lengths, gK32, gK64, gemax, g_er, 
             _exp_forward(node[b], L, nmax, P8, Kx, 0, kt, alpha8, s8)
             _backward_draws(alpha8, Kx, kt, L, Ub, lab, p)
             continue
-        if _log_forward(node[b], L, nmax, edge, e0, et, alpha8, s8, v1, v2) == _NEG_INF:
+        emx, es = (gemax, et) if shared else (emax, 1)
+        if _log_forward(node[b], L, nmax, edge, e0, et, emx, es, alpha8, s8, v1, v2) == _NEG_INF:
             continue
         for k in range(U.shape[0]):  # log space: y_t ~ exp(ᾱ_t + edge_t[:, y_{t+1}] − max)
             y = -1
             for t in range(L - 1, -1, -1):
                 mx = _NEG_INF
                 for i in range(C):
-                    p[i] = alpha8[t, i] if t == L - 1 else alpha8[t, i] + edge[e0 + t * et, i, y]
+                    p[i] = alpha8[t, i] if t == L - 1 else alpha8[t, i] + (edge[e0 + t * et, i, y] - emx[t * es])
                     mx = max(mx, p[i])
                 for i in range(C):
                     p[i] = _fexp(p[i] - mx) if mx > _NEG_INF else 0.0

@@ -7,7 +7,9 @@ path chosen by :func:`._numba_chain_path._choose_path`:
   forward-backward, α̂_t = (α̂_{t−1} K_{t−1}) ⊙ P_t / s_t, then β̂ and the node and
   edge marginals in one pass over each K_t;
 * log space (:func:`_log_forward`, :func:`_log_backward`): re-centred float64
-  logsumexp recursions (−inf, wide ranges and ±1e30 scores give no inf/NaN).
+  logsumexp recursions (−inf, wide ranges and ±1e30 scores give no inf/NaN), on node
+  and transition scores taken relative to their per-position maxima (exact subtractions:
+  scores of any finite magnitude keep their O(1) differences).
 
 :func:`_lpm_range` runs instances b0 ≤ b < b1 (one thread of the pool, the kernels
 release the GIL); :func:`_lpm_prange` is the numba ``prange`` alternative.
@@ -119,10 +121,11 @@ def _exp_backward(L, P, K, kb, kt, alpha, s, w, mu, emu, e0, ot, acc, beta, U):
 
 # ----------------------------------------------------------------------------- log space
 @_jit
-def _log_forward(node, L, nmax, edge, e0, et, alpha, c, m, acc):
+def _log_forward(node, L, nmax, edge, e0, et, emx, es, alpha, c, m, acc):
     """Re-centred log-space forward: ᾱ (logsumexp 0, or all −inf) and c_t, with node scores
-    taken relative to their maxima nmax (so ±1e30 scores keep the O(1) parts); returns
-    A = Σ_t (c_t + nmax_t), or −inf."""
+    taken relative to their maxima nmax and transition t's scores relative to theirs,
+    emx[t·es] (so ±1e30 scores keep the O(1) parts); returns
+    A = Σ_t (c_t + nmax_t) + Σ_{t<L−1} emx[t·es], or −inf."""
     C = node.shape[1]
     logz = 0.0
     for t in range(L):
@@ -133,6 +136,8 @@ def _log_forward(node, L, nmax, edge, e0, et, alpha, c, m, acc):
                 a[j] = node[0, j] - sh
         else:
             E = edge[e0 + (t - 1) * et]
+            se = emx[(t - 1) * es]
+            logz += se
             for j in range(C):
                 m[j] = _NEG_INF
                 acc[j] = 0.0
@@ -140,13 +145,13 @@ def _log_forward(node, L, nmax, edge, e0, et, alpha, c, m, acc):
                 ai = alpha[t - 1, i]
                 if ai > _NEG_INF:
                     for j in range(C):
-                        m[j] = max(m[j], ai + E[i, j])
+                        m[j] = max(m[j], ai + (E[i, j] - se))
             for i in range(C):
                 ai = alpha[t - 1, i]
                 if ai > _NEG_INF:
                     for j in range(C):
                         if m[j] > _NEG_INF:
-                            acc[j] += _fexp(ai + E[i, j] - m[j])
+                            acc[j] += _fexp(ai + (E[i, j] - se) - m[j])
             for j in range(C):
                 a[j] = (node[t, j] - sh) + (m[j] + math.log(acc[j])) if m[j] > _NEG_INF else _NEG_INF
         ct = _lse(a, C)
@@ -159,10 +164,11 @@ def _log_forward(node, L, nmax, edge, e0, et, alpha, c, m, acc):
 
 
 @_jit
-def _log_backward(node, L, nmax, edge, e0, et, alpha, c, w, mu, emu, e0o, ot, acc, beta, wv, nb, tmp):
-    """Re-centred log-space backward with the marginals (instance feasible):
-    β̄_{t−1}[i] = logsumexp_j(edge[i, j] + ν_t[j] + β̄_t[j]) − max, ν_t = node_t − nmax_t − c_t,
-    μ_t = exp(ᾱ_t + β̄_t − N_t), μ_{t−1}[i, j] = exp(ᾱ_{t−1}[i] + edge[i, j] + ν_t[j] + β̄_t[j] − N_t)."""
+def _log_backward(node, L, nmax, edge, e0, et, emx, es, alpha, c, w, mu, emu, e0o, ot, acc, beta, wv, nb, tmp):
+    """Re-centred log-space backward with the marginals (instance feasible), on the
+    centred transition scores ē_{t−1} = edge_{t−1} − emx[(t−1)·es] of :func:`_log_forward`:
+    β̄_{t−1}[i] = logsumexp_j(ē[i, j] + ν_t[j] + β̄_t[j]) − max, ν_t = node_t − nmax_t − c_t,
+    μ_t = exp(ᾱ_t + β̄_t − N_t), μ_{t−1}[i, j] = exp(ᾱ_{t−1}[i] + ē[i, j] + ν_t[j] + β̄_t[j] − N_t)."""
     C = node.shape[1]
     for j in range(C):
         beta[j] = 0.0
@@ -176,6 +182,7 @@ def _log_backward(node, L, nmax, edge, e0, et, alpha, c, w, mu, emu, e0o, ot, ac
             break
         # transition t−1 -> t: β̄_{t−1} and the edge marginals, from β̄_t (in beta)
         E = edge[e0 + (t - 1) * et]
+        se = emx[(t - 1) * es]
         row = emu[e0o + (t - 1) * ot]
         for j in range(C):
             wv[j] = ((node[t, j] - nmax[t]) - c[t]) + beta[j]
@@ -183,12 +190,12 @@ def _log_backward(node, L, nmax, edge, e0, et, alpha, c, w, mu, emu, e0o, ot, ac
         for i in range(C):
             mi = _NEG_INF
             for j in range(C):
-                mi = max(mi, E[i, j] + wv[j])
+                mi = max(mi, (E[i, j] - se) + wv[j])
             ai = alpha[t - 1, i]
             scale = w * _fexp(ai + (mi - N)) if (mi > _NEG_INF and ai > _NEG_INF) else 0.0
             sm = 0.0
             for j in range(C):
-                e = _fexp(E[i, j] + wv[j] - mi) if mi > _NEG_INF else 0.0
+                e = _fexp((E[i, j] - se) + wv[j] - mi) if mi > _NEG_INF else 0.0
                 sm += e
                 if acc:
                     row[i, j] += scale * e
@@ -255,7 +262,8 @@ def _lpm_range(b0, b1, node, edge, eb, et, lengths, gK32, gK64, gemax, g_er, g_f
             else:
                 logz[b] = _exp_instance(node[b], L, nmax, P8, gK64 if shared else K64, kt, alpha8, s8, esum, want, w, mu[b], emu, eo, ot, acc, beta8, U8)
             continue
-        lz = _log_forward(node[b], L, nmax, edge, e0, et, alpha8, s8, v1, v2)
+        emx, es = (gemax, et) if shared else (emax, 1)
+        lz = _log_forward(node[b], L, nmax, edge, e0, et, emx, es, alpha8, s8, v1, v2)
         logz[b] = lz
         if not want:
             continue
@@ -264,7 +272,7 @@ def _lpm_range(b0, b1, node, edge, eb, et, lengths, gK32, gK64, gemax, g_er, g_f
             if not acc:
                 _zero_rows(emu, eo, eo + (L - 1) * ot)
             continue
-        _log_backward(node[b], L, nmax, edge, e0, et, alpha8, s8, w, mu[b], emu, eo, ot, acc, beta8, v3, v1, v2)
+        _log_backward(node[b], L, nmax, edge, e0, et, emx, es, alpha8, s8, w, mu[b], emu, eo, ot, acc, beta8, v3, v1, v2)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)

@@ -412,25 +412,43 @@ def test_backward_twice_with_retain_graph(mode, scale):
 
 
 @pytest.mark.parametrize("backend", ["numba", "scan", "auto"])
-def test_backends_hand_extreme_scores_to_the_torch_kernels(backend, monkeypatch):
-    """numba and scan are exact for |score| < 1e15; beyond, the torch kernels take over
-    (they centre every position exactly): huge tied scores keep their O(1) differences."""
+def test_extreme_scores_keep_their_differences(backend, monkeypatch):
+    """Huge finite scores next to O(1) ones: the torch and numba kernels centre every
+    position by its maximum (exact), so they run on any magnitude; the scan is exact for
+    |score| < 1e15 and hands larger ones to the torch kernels."""
     from structgrad.solvers import _chain_backends as cb
 
     s = sg.get_solver("chain", backend=backend)
-    C, T = 3, 4
-    edge = torch.full((C, C), -1e300, dtype=torch.float64)
-    edge.fill_diagonal_(1e300)
-    node = torch.randn(2, T, C, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    mu_n, mu_e = s.marginals((node, edge))
-    p = torch.softmax(node.sum(1), -1)  # only constant labellings survive
-    torch.testing.assert_close(mu_n, p.unsqueeze(1).expand(2, T, C), atol=1e-12, rtol=0)
-    torch.testing.assert_close(mu_e, torch.diag_embed(p) * (T - 1), atol=1e-12, rtol=0)
-    # moderate scores do run on the requested kernels
-    calls = []
     impl = cb.backend("numba" if backend == "auto" else backend)
-    orig = impl.log_partition_and_marginals
-    monkeypatch.setattr(impl, "log_partition_and_marginals", lambda *a: calls.append(1) or orig(*a))
+    calls = []
+    for op in ("log_partition_and_marginals", "log_partition", "viterbi"):
+        orig = getattr(impl, op)
+        monkeypatch.setattr(impl, op, lambda *a, _o=orig: calls.append(1) or _o(*a))
+    C, T, B = 3, 4, 2
+    node = torch.randn(B, T, C, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    p = torch.softmax(node.sum(1), -1)  # only constant labellings survive the edges below
+    shared = torch.full((C, C), -1e300, dtype=torch.float64)
+    shared.fill_diagonal_(1e300)
+    offsets = 1e20 * torch.arange(1, T, dtype=torch.float64)  # a different huge offset per position
+    per_pos = (torch.eye(C, dtype=torch.float64) * 2 - 1) * 1e22 + offsets.view(T - 1, 1, 1)
+    per_pos = per_pos.expand(B, T - 1, C, C).contiguous()
+    for edge, counts in ((shared, True), (per_pos, False)):
+        mu_n, mu_e = s.marginals((node, edge))
+        torch.testing.assert_close(mu_n, p.unsqueeze(1).expand(B, T, C), atol=1e-12, rtol=0)
+        want_e = torch.diag_embed(p) * (T - 1) if counts else torch.diag_embed(p).unsqueeze(1).expand(B, T - 1, C, C)
+        torch.testing.assert_close(mu_e, want_e, atol=1e-12, rtol=0)
+        labels = sg.chain_labels(s.map((node, edge))[0])
+        assert torch.equal(labels, node.sum(1).argmax(-1, keepdim=True).expand(B, T))
+        lz = s.log_partition((node, edge))
+        extra = (T - 1) * 1e300 if counts else float((offsets + 1e22).sum())
+        torch.testing.assert_close(lz, torch.logsumexp(node.sum(1), -1) + extra, rtol=1e-15, atol=0)
+        lab = sg.chain_labels(s.sample((node, edge), 2000, generator=torch.Generator().manual_seed(1))[0])
+        assert bool((lab == lab[..., :1]).all())  # constant labellings only
+        freq = torch.nn.functional.one_hot(lab[..., 0], C).double().mean(0)
+        assert float((freq - p).abs().max()) < 0.05, (freq, p)
+    assert (len(calls) == 6) == (backend != "scan") and (len(calls) == 0) == (backend == "scan")
+    # moderate scores run on the requested kernels
+    calls.clear()
     s.marginals((node, torch.randn(C, C, dtype=torch.float64)))
     assert calls == [1]
 
