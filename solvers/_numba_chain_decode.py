@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._numba_chain_fb import _exp_forward, _log_forward
-from ._numba_chain_math import _NEG_INF, _fexp, _jit, _maxplus, _top, _work
+from ._numba_chain_math import _NEG_INF, _centre, _fexp, _jit, _maxplus, _top, _work
 from ._numba_chain_path import PATH_EXP32, PATH_EXP64, _choose_path
 
 
@@ -35,9 +35,13 @@ def _viterbi_range(b0, b1, node, edge, eb, et, lengths, labels):
     B, T, C = node.shape
     v = np.empty((T, C), node.dtype)
     esh = np.empty(max(T - 1, 1), node.dtype)  # max edge_t of the current instance
-    gsh = np.empty(edge.shape[0] if eb == 0 else 0, node.dtype)  # batch-less edges: once
-    for r in range(gsh.size):
-        gsh[r] = _top(edge[r].reshape(C * C))
+    kc = np.empty((C, C), node.dtype)  # ē_t of the current instance and position
+    shared = eb == 0
+    n = edge.shape[0] if shared else 0  # batch-less edges: centred once
+    gsh = np.empty(n, node.dtype)
+    gE = np.empty((n, C, C), node.dtype)
+    for r in range(n):
+        gsh[r] = _centre(edge[r].reshape(C * C), gE[r].reshape(C * C))
     for b in range(b0, b1):
         L = lengths[b]
         for t in range(T):
@@ -50,8 +54,12 @@ def _viterbi_range(b0, b1, node, edge, eb, et, lengths, labels):
         for t in range(1, L):
             m = v[t]
             r = b * eb + (t - 1) * et
-            esh[t - 1] = gsh[r] if eb == 0 else _top(edge[r].reshape(C * C))
-            _maxplus(v[t - 1], edge[r], esh[t - 1], m)
+            if shared:
+                esh[t - 1] = gsh[r]
+                _maxplus(v[t - 1], gE[r], m)
+            else:
+                esh[t - 1] = _centre(edge[r].reshape(C * C), kc.reshape(C * C))
+                _maxplus(v[t - 1], kc, m)
             sh = _top(node[b, t])
             top = _NEG_INF
             for j in range(C):
@@ -71,7 +79,7 @@ def _viterbi_range(b0, b1, node, edge, eb, et, lengths, labels):
         labels[b, L - 1] = y
         for t in range(L - 2, -1, -1):
             E = edge[b * eb + t * et]
-            se = esh[t]
+            se = esh[t]  # the very ē_t[i, y] the forward maximised over
             k = 0
             bk = v[t, 0] + (E[0, y] - se)
             for i in range(1, C):

@@ -202,11 +202,11 @@ def _matvec(k, u, out):
 
 
 @_jit
-def _maxplus(x, k, sh, out):
-    """out[j] = max_i (x[i] + (k[i, j] − sh)) (−inf if every term is; the first i wins a
-    tie: the value is the same).  Eight columns at a time, each column's running maximum
-    in a register over all rows: one store per column instead of one load and store per
-    row and column (2.5–3.5× the plain loop at C = 16…64)."""
+def _maxplus(x, k, out):
+    """out[j] = max_i (x[i] + k[i, j]) (−inf if every term is; the first i wins a tie: the
+    value is the same).  Eight columns at a time, each column's running maximum in a
+    register over all rows: one store per column instead of one load and store per row
+    and column (2.5–3.5× the plain loop at C = 16…64)."""
     C = out.shape[0]
     ninf = out.dtype.type(_NEG_INF)
     jb = 0
@@ -215,21 +215,21 @@ def _maxplus(x, k, sh, out):
         for i in range(C):
             xi = x[i]
             ki = k[i]
-            a0 = _max(a0, xi + (ki[jb] - sh))
-            a1 = _max(a1, xi + (ki[jb + 1] - sh))
-            a2 = _max(a2, xi + (ki[jb + 2] - sh))
-            a3 = _max(a3, xi + (ki[jb + 3] - sh))
-            a4 = _max(a4, xi + (ki[jb + 4] - sh))
-            a5 = _max(a5, xi + (ki[jb + 5] - sh))
-            a6 = _max(a6, xi + (ki[jb + 6] - sh))
-            a7 = _max(a7, xi + (ki[jb + 7] - sh))
+            a0 = _max(a0, xi + ki[jb])
+            a1 = _max(a1, xi + ki[jb + 1])
+            a2 = _max(a2, xi + ki[jb + 2])
+            a3 = _max(a3, xi + ki[jb + 3])
+            a4 = _max(a4, xi + ki[jb + 4])
+            a5 = _max(a5, xi + ki[jb + 5])
+            a6 = _max(a6, xi + ki[jb + 6])
+            a7 = _max(a7, xi + ki[jb + 7])
         out[jb], out[jb + 1], out[jb + 2], out[jb + 3] = a0, a1, a2, a3
         out[jb + 4], out[jb + 5], out[jb + 6], out[jb + 7] = a4, a5, a6, a7
         jb += 8
     for j in range(jb, C):
         a = ninf
         for i in range(C):
-            a = _max(a, x[i] + (k[i, j] - sh))
+            a = _max(a, x[i] + k[i, j])
         out[j] = a
 
 
@@ -241,6 +241,15 @@ def _top(x):
     for i in range(x.size):
         m = _max(m, x[i])
     return m if m > _NEG_INF else x.dtype.type(0)
+
+
+@_jit
+def _centre(x, out):
+    """out = x − sh with sh = :func:`_top` (x) (1-D arrays); returns sh."""
+    sh = _top(x)
+    for i in range(x.size):
+        out[i] = x[i] - sh
+    return sh
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
