@@ -42,6 +42,10 @@ class _Numba:
     """The compiled CPU kernels of ``_numba_chain`` (imported on first use)."""
 
     name = "numba"
+    #: operations exact only for finite |score| below ~1e15 (the solver routes larger
+    #: inputs to the torch kernels): float64 sums (Viterbi) and the log path's exponents
+    #: (its backward cancels terms as large as the scores) lose the O(1) parts beyond.
+    needs_moderate = frozenset({"log_partition", "marginals", "map", "sample"})
 
     def __init__(self) -> None:
         self._mod = None
@@ -76,6 +80,8 @@ class _Scan:
     """The log-depth parallel-prefix scan of ``_chain_scan`` (pure torch; any device)."""
 
     name = "scan"
+    #: operations exact only for finite |score| below ~1e15 (see :class:`_Numba`).
+    needs_moderate = frozenset({"log_partition", "marginals", "map", "sample"})
 
     def __init__(self) -> None:
         from . import _chain_scan

@@ -19,9 +19,11 @@ otherwise *re-centred log space* (float64 logsumexp recursions; −inf, wide ran
 and ±1e30 scores give no inf/NaN).  Float32 inputs with R ≤ 32 (the torch backend's
 float32 bound) run the probability-space recursion in float32 arithmetic
 (PATH_EXP32), as the torch backend does; wider float32 instances take the float64
-paths.  Every path, and Viterbi, takes node and transition scores relative to their
-per-position maxima (an exact subtraction), so scores of any finite magnitude keep
-their O(1) differences, as in the torch backend.  Exponentials use :func:`_fexp` /
+paths.  Every path takes node and transition scores relative to their per-position
+maxima (an exact subtraction), as the torch backend; still, the log path's backward
+adds exponents as large as the scores, so beyond ~1e15 their cancellation loses the
+O(1) parts, as do Viterbi's float64 sums: the solver sends such inputs to the torch
+kernels.  Exponentials use :func:`_fexp` /
 :func:`_fexp32` (vectorisable; relative error ≤ 4e-16 / ≤ 2e-7), not libm's scalar exp.
 
 Algorithms, per instance of length L (A = log Z):
@@ -33,9 +35,9 @@ Algorithms, per instance of length L (A = log Z):
   μ_t = α̂_t ⊙ β̂_t, μ_t[i, j] = α̂_t[i] K_t[i, j] u[j] (one pass over K_t gives both).
 * log space: ᾱ_t[j] = logsumexp_i(ᾱ_{t−1}[i] + ē_{t−1}[i, j]) + n̄_t[j] − c_t (ē, n̄: the
   centred scores), and the chain backend's β̄, N_t (re-centred at every step).
-* Viterbi: v_t[j] = max_i (v_{t−1}[i] + ē_{t−1}[i, j]) + n̄_t[j], re-centred; back-tracking
-  from the lowest argmax of v_{L−1} recomputes each argmax from the same sums (lowest i
-  on ties).
+* Viterbi: v_t[j] = max_i (v_{t−1}[i] + edge_{t−1}[i, j]) + node_t[j] in float64,
+  re-centred; back-tracking from the lowest argmax of v_{L−1} recomputes each argmax from
+  the same sums (lowest i on ties).
 * FFBS: y_{L−1} ~ α̂_{L−1}, y_t ~ α̂_t[i] K_t[i, y_{t+1}] (log space: ᾱ + edge), each by
   inverse CDF of a caller-given uniform (randomness stays with the caller's
   torch.Generator).

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._numba_chain_fb import _exp_forward, _log_forward
-from ._numba_chain_math import _NEG_INF, _centre, _fexp, _jit, _maxplus, _top, _work
+from ._numba_chain_math import _NEG_INF, _fexp, _jit, _maxplus, _work
 from ._numba_chain_path import PATH_EXP32, PATH_EXP64, _choose_path
 
 
@@ -24,46 +24,38 @@ from ._numba_chain_path import PATH_EXP32, PATH_EXP64, _choose_path
 def _viterbi_range(b0, b1, node, edge, eb, et, lengths, labels):
     """Best labels of instances b0 ≤ b < b1 (−1 past the length and for infeasible instances).
 
-    Forward v_t[j] = max_i (v_{t−1}[i] + ē_{t−1}[i, j]) + n̄_t[j] without back-pointers (a
-    vectorised max) on centred scores, ē_t = edge_t − max edge_t and n̄_t = node_t − max
-    node_t (exact subtractions: scores of any finite magnitude keep their O(1)
-    differences, as in the torch backend), in the inputs' dtype (float32 arithmetic for
-    float32 scores, as the torch backend), and re-centred at every step (max_j v_t[j] = 0:
-    the shifts are the same for every labelling, and the sums stay O(score range) at any
-    length); back-tracking recomputes y_t = argmax_i (v_t[i] + ē_t[i, y_{t+1}]) from the
-    very same sums (lowest i on ties), as the torch backend does on the CPU."""
+    Forward v_t[j] = max_i (v_{t−1}[i] + edge_{t−1}[i, j]) + node_t[j] without back-pointers
+    (:func:`._numba_chain_math._maxplus`), in float64 (float32 scores are exact there, so
+    the sums keep O(1) differences next to offsets up to the solver's 1e15 bound), re-centred
+    at every step (max_j v_t[j] = 0: the shift is the same for every labelling); back-tracking
+    recomputes y_t = argmax_i (v_t[i] + edge_t[i, y_{t+1}]) from the very same sums (lowest
+    i on ties), as the torch backend does on the CPU."""
     B, T, C = node.shape
-    v = np.empty((T, C), node.dtype)
-    esh = np.empty(max(T - 1, 1), node.dtype)  # max edge_t of the current instance
-    kc = np.empty((C, C), node.dtype)  # ē_t of the current instance and position
+    v = np.empty((T, C))
     shared = eb == 0
-    n = edge.shape[0] if shared else 0  # batch-less edges: centred once
-    gsh = np.empty(n, node.dtype)
-    gE = np.empty((n, C, C), node.dtype)
-    for r in range(n):
-        gsh[r] = _centre(edge[r].reshape(C * C), gE[r].reshape(C * C))
+    gE = np.empty((edge.shape[0] if shared else 0, C, C))  # batch-less edges, in float64 once
+    for r in range(gE.shape[0]):
+        for i in range(C):
+            for j in range(C):
+                gE[r, i, j] = edge[r, i, j]
     for b in range(b0, b1):
         L = lengths[b]
         for t in range(T):
             labels[b, t] = -1
         if L == 0:
             continue
-        sh = _top(node[b, 0])
         for j in range(C):
-            v[0, j] = node[b, 0, j] - sh
+            v[0, j] = node[b, 0, j]
         for t in range(1, L):
             m = v[t]
             r = b * eb + (t - 1) * et
             if shared:
-                esh[t - 1] = gsh[r]
                 _maxplus(v[t - 1], gE[r], m)
             else:
-                esh[t - 1] = _centre(edge[r].reshape(C * C), kc.reshape(C * C))
-                _maxplus(v[t - 1], kc, m)
-            sh = _top(node[b, t])
+                _maxplus(v[t - 1], edge[r], m)
             top = _NEG_INF
             for j in range(C):
-                m[j] += node[b, t, j] - sh
+                m[j] += node[b, t, j]
                 top = max(top, m[j])
             if top > _NEG_INF:  # re-centre: v_t stays O(score range) whatever the length
                 for j in range(C):
@@ -79,11 +71,10 @@ def _viterbi_range(b0, b1, node, edge, eb, et, lengths, labels):
         labels[b, L - 1] = y
         for t in range(L - 2, -1, -1):
             E = edge[b * eb + t * et]
-            se = esh[t]  # the very ē_t[i, y] the forward maximised over
             k = 0
-            bk = v[t, 0] + (E[0, y] - se)
+            bk = v[t, 0] + E[0, y]
             for i in range(1, C):
-                x = v[t, i] + (E[i, y] - se)
+                x = v[t, i] + E[i, y]
                 if x > bk:
                     bk = x
                     k = i

@@ -233,25 +233,6 @@ def _maxplus(x, k, out):
         out[j] = a
 
 
-@_jit
-def _top(x):
-    """max of the 1-D array x, or 0 if every entry is −inf: the shift that centres a
-    position's scores (x − _top(x) ≤ 0, exact for entries within a factor 2 of the max)."""
-    m = x.dtype.type(_NEG_INF)
-    for i in range(x.size):
-        m = _max(m, x[i])
-    return m if m > _NEG_INF else x.dtype.type(0)
-
-
-@_jit
-def _centre(x, out):
-    """out = x − sh with sh = :func:`_top` (x) (1-D arrays); returns sh."""
-    sh = _top(x)
-    for i in range(x.size):
-        out[i] = x[i] - sh
-    return sh
-
-
 @numba.njit(cache=True, nogil=True, inline="always")
 def _max(a, b):
     """max(a, b) keeping ``a`` unless b is strictly greater (a compare and a select)."""

@@ -102,7 +102,7 @@ from ._pairwise import label_indicators, pair_indicators
 
 __all__ = ["ChainSolver"]
 
-#: largest finite |score| the scan kernels take (beyond: the torch kernels).
+#: largest finite |score| of the backends' ``needs_moderate`` operations (beyond: the torch kernels).
 _MODERATE = 1e15
 
 
@@ -163,18 +163,17 @@ class ChainSolver(Solver):
     def _impl(self, theta: Any, op: str) -> str:
         """The backend that runs ``op`` for θ.
 
-        The scan is exact for scores up to ~1e15 in magnitude; beyond that (where float64
-        can no longer hold their O(1) differences next to the huge parts) the torch
-        kernels take over.  The torch and numba kernels centre every position's scores
-        by their maximum (an exact subtraction), so any finite magnitude is exact there
-        and needs no check."""
+        The operations a backend lists in ``needs_moderate`` are exact for scores up to
+        ~1e15 in magnitude; beyond that (where float64 can no longer hold their O(1)
+        differences next to the huge parts) the torch kernels, which centre every
+        position exactly, take over (one pass over θ decides)."""
         node, edge = theta
         name = self.backend
         if name == "auto":
             name = "scan" if node.device.type == "cuda" else ("numba" if HAVE_NUMBA and node.device.type == "cpu" else "torch")
         if name == "scan" and op == "sample":
             return "torch"
-        if name == "scan" and not _moderate(node, edge):
+        if name != "torch" and op in backend(name).needs_moderate and not _moderate(node, edge):
             return "torch"
         return name
 

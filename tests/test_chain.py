@@ -413,9 +413,8 @@ def test_backward_twice_with_retain_graph(mode, scale):
 
 @pytest.mark.parametrize("backend", ["numba", "scan", "auto"])
 def test_extreme_scores_keep_their_differences(backend, monkeypatch):
-    """Huge finite scores next to O(1) ones: the torch and numba kernels centre every
-    position by its maximum (exact), so they run on any magnitude; the scan is exact for
-    |score| < 1e15 and hands larger ones to the torch kernels."""
+    """Huge finite scores next to O(1) ones: numba and the scan are exact for |score| <
+    1e15 and hand larger ones to the torch kernels (which centre every position exactly)."""
     from structgrad.solvers import _chain_backends as cb
 
     s = sg.get_solver("chain", backend=backend)
@@ -446,7 +445,7 @@ def test_extreme_scores_keep_their_differences(backend, monkeypatch):
         assert bool((lab == lab[..., :1]).all())  # constant labellings only
         freq = torch.nn.functional.one_hot(lab[..., 0], C).double().mean(0)
         assert float((freq - p).abs().max()) < 0.05, (freq, p)
-    assert (len(calls) == 6) == (backend != "scan") and (len(calls) == 0) == (backend == "scan")
+    assert calls == []
     # moderate scores run on the requested kernels
     calls.clear()
     s.marginals((node, torch.randn(C, C, dtype=torch.float64)))

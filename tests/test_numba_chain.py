@@ -256,9 +256,9 @@ def test_viterbi_column_blocks_brute_force(C, layout, dtype):
 
 @pytest.mark.parametrize("layout", ["full", "shared"])
 def test_viterbi_float32_long_and_offset(layout):
-    """float32 arithmetic, re-centred every step: node scores 1e4 + O(1) over 1000
-    positions (running sums of 1e7 would have a float32 spacing of 1 and lose the O(1)
-    parts) give a path whose float64 score is the optimum's up to float32 rounding."""
+    """float32 scores summed over 1000 positions with offsets 1e4 (running sums of 1e7, of
+    float32 spacing 1, would lose the O(1) parts): the path found is optimal for the
+    float64 score up to float32 rounding of the inputs."""
     T = 1000
     node, edge = make(B=2, T=T, C=12, layout=layout, seed=3, dtype=F64)
     node, edge = (node + 1e4).float(), edge.float()
