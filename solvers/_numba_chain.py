@@ -23,8 +23,8 @@ paths.  Every path takes node and transition scores relative to their per-positi
 maxima (an exact subtraction), as the torch backend; still, the log path's backward
 adds exponents as large as the scores, so beyond ~1e15 their cancellation loses the
 O(1) parts, as do Viterbi's float64 sums: the solver sends such inputs to the torch
-kernels.  Exponentials use :func:`_fexp` /
-:func:`_fexp32` (vectorisable; relative error ≤ 4e-16 / ≤ 2e-7), not libm's scalar exp.
+kernels.  Exponentials use :func:`_fexp` / :func:`_fexp32` (vectorisable; relative
+error ≤ 4e-16 / ≤ 2e-7), not libm's scalar exp.
 
 Algorithms, per instance of length L (A = log Z):
 

@@ -9,7 +9,8 @@ path chosen by :func:`._numba_chain_path._choose_path`:
 * log space (:func:`_log_forward`, :func:`_log_backward`): re-centred float64
   logsumexp recursions (−inf, wide ranges and ±1e30 scores give no inf/NaN), on node
   and transition scores taken relative to their per-position maxima (exact subtractions:
-  scores of any finite magnitude keep their O(1) differences).
+  large offsets keep the O(1) parts up to the 1e15 bound beyond which the solver uses
+  the torch kernels).
 
 :func:`_lpm_range` runs instances b0 ≤ b < b1 (one thread of the pool, the kernels
 release the GIL); :func:`_lpm_prange` is the numba ``prange`` alternative.

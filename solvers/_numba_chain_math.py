@@ -3,8 +3,7 @@
 Exponentials :func:`_fexp` / :func:`_fexp32` (vectorisable: relative error ≤ 4e-16 /
 ≤ 2e-7, no branch and no call, unlike libm's scalar exp), :func:`_lse`, the dense C×C
 products :func:`_vecmat` / :func:`_matvec` of the probability-space recursions and
-:func:`_maxplus` of Viterbi, and
-scratch-array helpers.  Also the decorators every kernel module uses (``_jit``:
+:func:`_maxplus` of Viterbi, and scratch-array helpers.  Also the decorators every kernel module uses (``_jit``:
 ``cache=True, nogil=True``; ``_jit_fm``: the same with the fast-math flags of the
 probability-space loops) and ``_NEG_INF``.  Notation and the torch-facing entry points:
 :mod:`structgrad.solvers._numba_chain`.

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import structgrad as sg
 from structgrad.solvers import _chain_scan as cs
 
-CHAIN = sg.get_solver("chain")
+CHAIN = sg.get_solver("chain", backend="torch")  # the sequential reference (the default, "auto", would be numba or the scan itself)
 F64, F32 = torch.float64, torch.float32
 LAYOUTS = ("full", "positional", "shared")
 DEV = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

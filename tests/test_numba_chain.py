@@ -22,7 +22,7 @@ import structgrad as sg
 from structgrad.solvers import _numba_chain as nc
 from structgrad.testing import chi_square_threshold
 
-CHAIN = sg.get_solver("chain")
+CHAIN = sg.get_solver("chain", backend="torch")  # the reference (the default, "auto", is numba itself on the CPU)
 F64, F32 = torch.float64, torch.float32
 LAYOUTS = ("full", "positional", "shared")
 
@@ -145,6 +145,25 @@ def test_wide_finite_scores_no_nan():
         _, bmu, bemu = brute(n2[b], e2[b], 4)
         close(mu[b], bmu, 1e-12)
         close(emu[b], bemu, 1e-12)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_log_path_centres_large_transition_offsets(layout):
+    """Transition scores with a different large offset per position (1e9·t, well inside the
+    1e15 bound) on the log path (a −inf transition sends every instance there): taken
+    relative to each position's maximum they keep the O(1) parts to float64 precision."""
+    node, edge = make(B=3, T=6, C=4, layout=layout, seed=12)
+    off = 1e9 * torch.arange(1, 6, dtype=F64).view(5, 1, 1)
+    edge = edge + (off if layout != "shared" else 0.0)
+    edge[..., 0, 1] = -math.inf
+    if layout == "shared":  # one matrix: the same offset at every position
+        edge = edge + 1e9
+    assert (nc.paths(node.numpy(), edge.numpy()) == nc.PATH_LOG).all()
+    A, mu, emu = ours(node, edge, None)
+    rA, rmu, remu = ref(node, edge, None)
+    close(A, rA, 1e-15)
+    close(mu, rmu, 1e-11)
+    close(emu, remu, 1e-11)
 
 
 def test_float32_bound():
