@@ -16,7 +16,7 @@ import numpy as np
 
 from ._numba_chain_fb import _exp_forward, _log_forward
 from ._numba_chain_math import _NEG_INF, _fexp, _jit, _maxplus, _work
-from ._numba_chain_path import PATH_EXP32, PATH_EXP64, _choose_path
+from ._numba_chain_path import PATH_EXP32, PATH_EXP64, _choose_path, _stats_work
 
 
 # ----------------------------------------------------------------------------- Viterbi and sampling
@@ -123,11 +123,7 @@ def _sample_range(b0, b1, node, edge, eb, et, lengths, gK32, gK64, gemax, g_er, 
     """FFBS samples labels[s, b] for b0 ≤ b < b1 from uniforms U (S, B, T)."""
     B, T, C = node.shape
     shared = eb == 0
-    nmax = np.zeros(T)
-    emax = np.zeros(max(T - 1, 1))
-    nK = 0 if shared else max(T - 1, 0)
-    K32 = np.empty((nK, C, C), np.float32)
-    K64 = np.empty((nK, C, C), np.float64)
+    nmax, emax, K32, K64 = _stats_work(T, C, shared)
     P4, alpha4, s4, _, _ = _work(T if f32 else 0, C, np.float32)
     P8, alpha8, s8, _, _ = _work(T, C, np.float64)
     p = np.empty(C)

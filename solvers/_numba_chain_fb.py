@@ -24,7 +24,7 @@ import numba
 import numpy as np
 
 from ._numba_chain_math import _NEG_INF, _fexp, _jit, _jit_fm, _lse, _matvec, _vecmat, _work, _zero_rows
-from ._numba_chain_path import PATH_EXP32, PATH_LOG, _choose_path
+from ._numba_chain_path import PATH_EXP32, PATH_LOG, _choose_path, _stats_work
 
 
 # ----------------------------------------------------------------------------- probability space
@@ -230,11 +230,7 @@ def _lpm_range(b0, b1, node, edge, eb, et, lengths, gK32, gK64, gemax, g_er, g_f
     length zeroed)."""
     B, T, C = node.shape
     shared = eb == 0
-    nmax = np.zeros(T)
-    emax = np.zeros(max(T - 1, 1))
-    nK = 0 if shared else max(T - 1, 0)
-    K32 = np.empty((nK, C, C), np.float32)
-    K64 = np.empty((nK, C, C), np.float64)
+    nmax, emax, K32, K64 = _stats_work(T, C, shared)
     P4, alpha4, s4, beta4, U4 = _work(T if f32 else 0, C, np.float32)
     P8, alpha8, s8, beta8, U8 = _work(T, C, np.float64)
     v1 = np.empty(C)

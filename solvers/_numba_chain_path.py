@@ -142,13 +142,18 @@ def _global_kernel(edge, f32, gK32, gK64, gemax):
 
 
 @_jit
+def _stats_work(T, C, shared):
+    """One thread's arrays for :func:`_choose_path`: nmax (T,), emax (T−1,), and the per-instance
+    kernels K32, K64 (T−1, C, C) (empty for batch-less edges, whose kernels are global)."""
+    nK = 0 if shared else max(T - 1, 0)
+    return np.zeros(T), np.zeros(max(T - 1, 1)), np.empty((nK, C, C), np.float32), np.empty((nK, C, C), np.float64)
+
+
+@_jit
 def _paths_kernel(node, edge, eb, et, lengths, g_er, g_fin, f32, out):
     """out[b] = the path of instance b (PATH_*; −1 for L = 0), for ``_numba_chain.paths``."""
     B, T, C = node.shape
-    nmax = np.zeros(T)
-    emax = np.zeros(max(T - 1, 1))
-    K32 = np.empty((0 if eb == 0 else max(T - 1, 0), C, C), np.float32)
-    K64 = np.empty((0 if eb == 0 else max(T - 1, 0), C, C), np.float64)
+    nmax, emax, K32, K64 = _stats_work(T, C, eb == 0)
     for b in range(B):
         L = lengths[b]
         out[b] = -1 if L == 0 else _choose_path(node[b], L, edge, b * eb, et, nmax, emax, K32, K64, eb == 0, g_er, g_fin, f32)
