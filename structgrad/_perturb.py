@@ -35,13 +35,27 @@ from .noise import draw_noise
 from .registry import get_solver
 from .solver import Solver
 
-__all__ = ["Layout", "prepare", "check_sign_options", "check_reduce"]
+__all__ = ["Layout", "prepare", "check_sign_options", "check_reduce", "sample_grads"]
 
 REDUCE = ("none", "mean")
 
 
 def check_reduce(reduce: Any) -> str:
     return V.check_choice(reduce, REDUCE, "reduce")
+
+
+def sample_grads(grads: Sequence[torch.Tensor | None], z: Sequence[torch.Tensor], reduce: str) -> list[torch.Tensor]:
+    """The incoming gradients per sample, each shaped like its output ``z (L, ...)``: zeros
+    for an output that got none, and for ``reduce="mean"`` the mean's gradient repeated
+    over the L samples (a broadcast view)."""
+    g = []
+    for gr, y in zip(grads, z):
+        if gr is None:
+            gr = torch.zeros_like(y)
+        elif reduce == "mean":
+            gr = gr.unsqueeze(0).expand(tuple(y.shape))
+        g.append(gr)
+    return g
 
 
 def check_sign_options(minimize: Any) -> float:

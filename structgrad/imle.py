@@ -33,7 +33,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import checks as V
-from ._perturb import Layout, check_reduce, check_sign_options, prepare
+from ._perturb import Layout, check_reduce, check_sign_options, prepare, sample_grads
 from .aimle import AdaptiveLambda
 from .errors import DTypeError
 from .noise import resolve_noise
@@ -108,13 +108,7 @@ class _IMLE(torch.autograd.Function):
         if not any(ctx.needs_input_grad[1:]):
             return (None,) * len(ctx.needs_input_grad)
         lay, S, sign = run.layout, run.S, run.sign
-        g = []
-        for gr, z in zip(grads, run.z):
-            if gr is None:
-                gr = torch.zeros_like(z)
-            elif run.reduce == "mean":
-                gr = gr.unsqueeze(0).expand(tuple(z.shape))
-            g.append(gr)
+        g = sample_grads(grads, run.z, run.reduce)
         adaptive = isinstance(run.lam, AdaptiveLambda)
         if adaptive:
             lam = run.lam.magnitude(_theta_sq_norm(run), lay.per_instance([x * x for x in g]))  # (S, *batch)

@@ -34,7 +34,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import checks as V
-from ._perturb import Layout, check_reduce, check_sign_options, prepare
+from ._perturb import Layout, check_reduce, check_sign_options, prepare, sample_grads
 from .errors import DeviceError, DomainError, DTypeError, ShapeError
 from .noise import resolve_noise
 
@@ -68,13 +68,7 @@ class _Perturbed(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads):
         lay = ctx.lay
-        g = []
-        for gr, y in zip(grads, ctx.y):
-            if gr is None:
-                gr = torch.zeros_like(y)
-            elif ctx.reduce == "mean":
-                gr = gr.unsqueeze(0).expand(tuple(y.shape))
-            g.append(gr)
+        g = sample_grads(grads, ctx.y, ctx.reduce)
         c = lay.per_instance([y * gr for y, gr in zip(ctx.y, g)])  # ⟨y_s, g_s⟩ per instance: (S, *batch)
         gu = []
         for e in ctx.eps:
