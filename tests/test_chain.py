@@ -9,21 +9,13 @@ from hypothesis import strategies as st
 
 import structgrad as sg
 from structgrad.solvers import _chain_torch
-from structgrad.testing import BruteForce, Case, check_solver, labeling_structures
+from structgrad.testing import BruteForce, Case, check_solver
+
+from _chain_cases import chain_enum
 
 CHAIN = sg.get_solver("chain")
 F64 = torch.float64
 ND = 1 + torch.cuda.is_available()  # check_solver runs every check on each available device
-
-
-def chain_enum(shared: bool):
-    def enumerate_(theta, lengths=None):
-        node, _ = theta
-        T, C = node.shape
-        L = T if lengths is None else int(lengths)
-        return labeling_structures(T, C, [(t, t + 1) for t in range(T - 1)], active=L, shared_edge=shared)
-
-    return enumerate_
 
 
 def make(B=(3,), T=4, C=3, mode="full", scale=1.0, seed=0, dtype=F64):

@@ -8,21 +8,13 @@ import torch
 
 import structgrad as sg
 from structgrad.logspace import safe_dot
-from structgrad.testing import BruteForce, labeling_structures
+from structgrad.testing import BruteForce
+
+from _chain_cases import chain_enum
 
 CHAIN = sg.get_solver("chain")
 F64 = torch.float64
 MODES = ("full", "positional", "shared")
-
-
-def chain_enum(shared: bool):
-    def enumerate_(theta, lengths=None):
-        node, _ = theta
-        T, C = node.shape
-        L = T if lengths is None else int(lengths)
-        return labeling_structures(T, C, [(t, t + 1) for t in range(T - 1)], active=L, shared_edge=shared)
-
-    return enumerate_
 
 
 def uniform(shape, scale, g, dtype=F64):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -10,36 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import structgrad as sg
 from structgrad.solvers import _chain_scan as cs
 
-CHAIN = sg.get_solver("chain", backend="torch")  # the sequential reference (the default, "auto", would be numba or the scan itself)
-F64, F32 = torch.float64, torch.float32
-LAYOUTS = ("full", "positional", "shared")
+from _chain_cases import F32, F64, LAYOUTS, REF, brute, close, make, ref_labels
+
+CHAIN = REF
 DEV = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def make(B=4, T=6, C=3, layout="full", scale=1.0, seed=0, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    node = (torch.randn(B, T, C, generator=g, dtype=F64) * scale).to(dtype)
-    shape = {"full": (B, T - 1, C, C), "positional": (T - 1, C, C), "shared": (C, C)}[layout]
-    edge = (torch.randn(*shape, generator=g, dtype=F64) * scale).to(dtype)
-    return node, edge
-
-
-def close(a, b, tol):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert not bool(torch.isnan(a).any())
-    assert torch.equal(torch.isinf(a), torch.isinf(b)) and torch.equal(a[torch.isinf(a)], b[torch.isinf(b)])
-    fin = torch.isfinite(b)
-    if bool(fin.any()):
-        err = float((a[fin] - b[fin]).abs().max())
-        assert err <= tol * (1 + float(b[fin].abs().max())), err
-
-
-def torch_labels(node, edge, lengths):
-    return sg.chain_labels(CHAIN.map((node, edge), lengths=lengths)[0])
 
 
 LENGTHS = torch.tensor([6, 4, 1, 0])
@@ -50,7 +25,7 @@ LENGTHS = torch.tensor([6, 4, 1, 0])
 @pytest.mark.parametrize("dtype", [F64, F32])
 @pytest.mark.parametrize("scale", [1.0, 200.0])  # exp path (matmul) / log path (exact logsumexp)
 def test_matches_sequential(device, layout, dtype, scale):
-    node, edge = make(layout=layout, scale=scale, dtype=dtype)
+    node, edge = make(T=6, layout=layout, scale=scale, dtype=dtype)
     assert cs.choose_path(node, edge)[0] == ("exp" if scale == 1 else "log")
     tol = 1e-10 if dtype == F64 else 2e-5
     for lengths in (None, LENGTHS):
@@ -63,24 +38,7 @@ def test_matches_sequential(device, layout, dtype, scale):
         close(mu, rmu, tol)
         close(emu, remu, tol)
         close(cs.log_partition(n, e, Ld), rA, tol)
-        assert torch.equal(cs.viterbi(n, e, Ld).cpu(), torch_labels(node, edge, lengths))
-
-
-def brute(node, edge, L):
-    T, C = node.shape
-    labs = list(itertools.product(range(C), repeat=L))
-    E = edge if edge.dim() == 3 else edge.expand(max(T - 1, 0), C, C)
-    s = torch.tensor([float(sum(node[t, y[t]] for t in range(L)) + sum(E[t, y[t], y[t + 1]] for t in range(L - 1))) for y in labs], dtype=F64)
-    logz = torch.logsumexp(s, 0)
-    p = torch.exp(s - logz) if math.isfinite(logz) else torch.zeros_like(s)
-    mu, emu = torch.zeros(T, C, dtype=F64), torch.zeros(max(T - 1, 0), C, C, dtype=F64)
-    for w, y in zip(p, labs):
-        for t in range(L):
-            mu[t, y[t]] += w
-        for t in range(L - 1):
-            emu[t, y[t], y[t + 1]] += w
-    best = labs[int(torch.argmax(s))] if math.isfinite(logz) else None
-    return logz, mu, emu, best
+        assert torch.equal(cs.viterbi(n, e, Ld).cpu(), ref_labels(node, edge, lengths))
 
 
 def test_brute_force_neg_inf_and_infeasible():
@@ -141,7 +99,7 @@ def test_viterbi_ties_lowest_label():
         node, edge = make(B=3, T=9, C=3, layout=layout, seed=6)
         node, edge = node.round().clamp(-1, 1), edge.round().clamp(-1, 1)
         L = torch.tensor([9, 5, 2])
-        assert torch.equal(cs.viterbi(node, edge, L), torch_labels(node, edge, L))
+        assert torch.equal(cs.viterbi(node, edge, L), ref_labels(node, edge, L))
         z = torch.zeros_like(node)
         assert (cs.viterbi(z, torch.zeros_like(edge)) == 0).all()
 
@@ -185,4 +143,4 @@ def test_random_shapes_match_sequential(B, T, C, layout, wide, seed, data):
     close(A, rA, 1e-10)
     close(mu, rmu, 1e-9)
     close(emu, remu, 1e-9)
-    assert torch.equal(cs.viterbi(node, edge, lengths), torch_labels(node, edge, lengths))
+    assert torch.equal(cs.viterbi(node, edge, lengths), ref_labels(node, edge, lengths))

@@ -18,21 +18,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import structgrad as sg
 from structgrad.solvers import _numba_chain as nc
 from structgrad.testing import chi_square_threshold
 
-CHAIN = sg.get_solver("chain", backend="torch")  # the reference (the default, "auto", is numba itself on the CPU)
-F64, F32 = torch.float64, torch.float32
-LAYOUTS = ("full", "positional", "shared")
+from _chain_cases import F32, F64, LAYOUTS, REF, brute, close, make, ref_labels
 
-
-def make(B=4, T=5, C=3, layout="full", scale=1.0, seed=0, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    node = (torch.randn(B, T, C, generator=g, dtype=F64) * scale).to(dtype)
-    shape = {"full": (B, T - 1, C, C), "positional": (T - 1, C, C), "shared": (C, C)}[layout]
-    edge = (torch.randn(*shape, generator=g, dtype=F64) * scale).to(dtype)
-    return node, edge
+CHAIN = REF
 
 
 def ref(node, edge, lengths):
@@ -45,17 +36,6 @@ def ours(node, edge, lengths, **kw):
     L = None if lengths is None else lengths.numpy()
     A, mu, emu = nc.log_partition_and_marginals(node.numpy(), edge.numpy(), L, **kw)
     return torch.from_numpy(A), torch.from_numpy(mu), torch.from_numpy(emu)
-
-
-def close(a, b, tol):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    assert a.shape == b.shape, (a.shape, b.shape)
-    same_inf = torch.isinf(a) == torch.isinf(b)
-    assert bool(same_inf.all()) and bool((a[torch.isinf(a)] == b[torch.isinf(b)]).all())
-    fin = torch.isfinite(b)
-    assert not bool(torch.isnan(a).any())
-    err = (a[fin] - b[fin]).abs().max() if bool(fin.any()) else torch.tensor(0.0)
-    assert float(err) <= tol * (1 + float(b[fin].abs().max()) if bool(fin.any()) else 1), float(err)
 
 
 LENGTHS = torch.tensor([5, 3, 1, 0])
@@ -82,25 +62,6 @@ def test_log_partition_and_marginals_match_torch(layout, dtype, scale):
         assert set(p[(lengths if lengths is not None else torch.full((4,), 5)).numpy() >= 3].tolist()) == {want}
 
 
-def brute(node, edge, L):
-    """log Z, node and edge marginals of one instance (per-position edges (T−1, C, C)) by enumeration."""
-    T, C = node.shape
-    scores, labs = [], list(itertools.product(range(C), repeat=L))
-    for y in labs:
-        s = sum(node[t, y[t]] for t in range(L)) + sum(edge[t, y[t], y[t + 1]] for t in range(L - 1))
-        scores.append(float(s))
-    s = torch.tensor(scores, dtype=F64)
-    logz = torch.logsumexp(s, 0)
-    p = torch.exp(s - logz) if math.isfinite(logz) else torch.zeros_like(s)
-    mu, emu = torch.zeros(T, C, dtype=F64), torch.zeros(max(T - 1, 0), C, C, dtype=F64)
-    for w, y in zip(p, labs):
-        for t in range(L):
-            mu[t, y[t]] += w
-        for t in range(L - 1):
-            emu[t, y[t], y[t + 1]] += w
-    return logz, mu, emu
-
-
 @pytest.mark.parametrize("scale", [1.0, 150.0])
 def test_brute_force_with_neg_inf(scale):
     node, edge = make(B=3, T=4, C=3, scale=scale, seed=5)
@@ -113,7 +74,7 @@ def test_brute_force_with_neg_inf(scale):
     want = [nc.PATH_LOG, nc.PATH_EXP64 if scale == 1 else nc.PATH_LOG, nc.PATH_LOG]
     assert nc.paths(node.numpy(), edge.numpy(), lengths.numpy()).tolist() == want
     for b in range(3):
-        bz, bmu, bemu = brute(node[b], edge[b], int(lengths[b]))
+        bz, bmu, bemu, _ = brute(node[b], edge[b], int(lengths[b]))
         close(A[b], bz, 1e-9)
         close(mu[b], bmu, 1e-9)
         close(emu[b], bemu, 1e-9)
@@ -142,7 +103,7 @@ def test_wide_finite_scores_no_nan():
     n2, e2 = node.clone(), edge.clone()
     n2[0, 1, 0], n2[0, 1, 1:], e2[1, 2, 1, 2], n2[1, 0, 1] = 0.0, -math.inf, -math.inf, -math.inf
     for b in range(2):
-        _, bmu, bemu = brute(n2[b], e2[b], 4)
+        _, bmu, bemu, _ = brute(n2[b], e2[b], 4)
         close(mu[b], bmu, 1e-12)
         close(emu[b], bemu, 1e-12)
 
@@ -216,21 +177,17 @@ def test_repin_keeps_torch_threads():
 
 
 # ----------------------------------------------------------------------------- Viterbi
-def torch_labels(node, edge, lengths):
-    return sg.chain_labels(CHAIN.map((node, edge), lengths=lengths)[0])
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [F64, F32])
 def test_viterbi_matches_torch(layout, dtype):
     node, edge = make(B=4, T=6, C=4, layout=layout, seed=8, dtype=dtype)
     L = torch.tensor([6, 4, 1, 0])
     got = torch.from_numpy(nc.viterbi(node.numpy(), edge.numpy(), L.numpy()))
-    assert torch.equal(got, torch_labels(node, edge, L))
+    assert torch.equal(got, ref_labels(node, edge, L))
     # ties everywhere (integer scores): the lowest label, as the torch backend
     node_i, edge_i = node.round().clamp(-1, 1), edge.round().clamp(-1, 1)
     got = torch.from_numpy(nc.viterbi(node_i.numpy(), edge_i.numpy(), L.numpy()))
-    assert torch.equal(got, torch_labels(node_i, edge_i, L))
+    assert torch.equal(got, ref_labels(node_i, edge_i, L))
     zero = torch.zeros_like(node)
     assert (nc.viterbi(zero.numpy(), torch.zeros_like(edge).numpy())[:, :] == 0).all()
 
@@ -242,7 +199,7 @@ def test_viterbi_neg_inf_and_infeasible():
     edge[1, 2] = -math.inf  # infeasible past position 2
     L = torch.tensor([5, 5, 3])
     got = torch.from_numpy(nc.viterbi(node.numpy(), edge.numpy(), L.numpy()))
-    assert torch.equal(got, torch_labels(node, edge, L))
+    assert torch.equal(got, ref_labels(node, edge, L))
     assert (got[1] == -1).all() and (got[2, 3:] == -1).all() and (got[2, :3] >= 0).all()
 
 
@@ -270,7 +227,7 @@ def test_viterbi_column_blocks_brute_force(C, layout, dtype):
         assert tuple(got[b].tolist()) == tuple(int(i) for i in best)
     node_i, edge_i = node.round().clamp(-1, 1), edge.round().clamp(-1, 1)  # ties: the lowest label
     got = torch.from_numpy(nc.viterbi(node_i.numpy(), edge_i.numpy()))
-    assert torch.equal(got, torch_labels(node_i, edge_i, None))
+    assert torch.equal(got, ref_labels(node_i, edge_i, None))
 
 
 @pytest.mark.parametrize("layout", ["full", "shared"])
@@ -399,4 +356,4 @@ def test_random_shapes_match_torch(B, T, C, layout, f32, seed, data):
     close(emu, remu, tol)
     if dtype == F64:  # float32 near-ties may resolve differently from the torch backend's float32 sums
         got = torch.from_numpy(nc.viterbi(node.numpy(), edge.numpy(), lengths.numpy()))
-        assert torch.equal(got, torch_labels(node, edge, lengths))
+        assert torch.equal(got, ref_labels(node, edge, lengths))
