@@ -113,18 +113,25 @@ def backend(name: str) -> Any:
 class LogPartition(torch.autograd.Function):
     """A(θ) by a backend; backward = μ·grad from the backend's marginals.
 
-    ``forward(ctx, node (B,T,C), edge, lengths, impl)``.  When a gradient is wanted the
-    forward runs the backend's fused ``log_partition_and_marginals`` and keeps μ for the
-    backward (memory: one node-sized and one edge-output-sized tensor — the transition
+    ``forward(ctx, node (B,T,C), edge, lengths, impl)``.  When a gradient is wanted (grad
+    mode on and an input that requires grad: :meth:`apply_` decides, since grad mode is off
+    inside ``forward``) the forward runs the backend's fused ``log_partition_and_marginals``
+    and keeps μ for the backward (memory: one node-sized and one edge-output-sized tensor — the transition
     counts ``(B, C, C)`` for a ``(C, C)`` edge — between the passes); otherwise the
     forward pass alone.  The gradient of a shared edge (``(C, C)`` or ``(T−1, C, C)``)
     is the batch sum of its per-instance marginals.  Second derivatives are refused
     (:func:`refuse_create_graph`), as for the torch kernels.
     """
 
+    @classmethod
+    def apply_(cls, node: torch.Tensor, edge: torch.Tensor, lengths: torch.Tensor | None, impl: Any) -> torch.Tensor:
+        """A(θ) (B,): the forward pass alone unless a gradient will be taken."""
+        fused = torch.is_grad_enabled() and (node.requires_grad or edge.requires_grad)
+        return cls.apply(node, edge, lengths, impl, fused)
+
     @staticmethod
-    def forward(ctx, node: torch.Tensor, edge: torch.Tensor, lengths: torch.Tensor | None, impl: Any) -> torch.Tensor:
-        if not any(ctx.needs_input_grad[:2]):
+    def forward(ctx, node: torch.Tensor, edge: torch.Tensor, lengths: torch.Tensor | None, impl: Any, fused: bool) -> torch.Tensor:
+        if not fused:
             return impl.log_partition(node.detach(), edge.detach(), lengths).to(node.dtype)
         logz, mu, emu = impl.log_partition_and_marginals(node.detach(), edge.detach(), lengths)
         ctx.save_for_backward(mu, emu)
@@ -145,4 +152,4 @@ class LogPartition(torch.autograd.Function):
             else:  # shared: sum over the batch (emu is (B, C, C) counts or (B, T-1, C, C))
                 g_edge = torch.tensordot(g, emu, dims=1)
             g_edge = g_edge.to(edge_dtype)
-        return g_node, g_edge, None, None
+        return g_node, g_edge, None, None, None

@@ -259,7 +259,7 @@ class ChainSolver(Solver):
         if impl == "torch":
             return ChainLogPartition.apply(node, edge, self._problem(theta, lengths))
         nf, ef, lf = self._flat(theta, lengths)
-        return LogPartition.apply(nf, ef, lf, backend(impl)).reshape(node.shape[:-2])
+        return LogPartition.apply_(nf, ef, lf, backend(impl)).reshape(node.shape[:-2])
 
     def _log_partition_and_marginals(self, theta: Any, lengths: torch.Tensor | None = None):
         node, edge = theta

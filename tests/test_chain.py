@@ -390,6 +390,32 @@ def test_cuda_matches_cpu(mode):
     check_solver(CHAIN, [Case(small, chain_enum(mode == "shared"), kwargs={"lengths": torch.tensor([4, 2])}, name=mode)], devices=["cuda"], num_samples=500)
 
 
+@pytest.mark.parametrize("backend", ["numba", "scan"])
+def test_log_partition_fuses_the_marginals_only_when_a_gradient_is_wanted(backend, monkeypatch):
+    """The forward runs the fused log Z + marginals pass when grad mode is on and an input
+    requires grad (the backward then reuses μ), and the forward pass alone otherwise
+    (inputs that require grad under torch.no_grad included)."""
+    from structgrad.solvers import _chain_backends as cb
+
+    s, impl = sg.get_solver("chain", backend=backend), cb.backend(backend)
+    calls = []
+    for op in ("log_partition", "log_partition_and_marginals"):
+        orig = getattr(impl, op)
+        monkeypatch.setattr(impl, op, lambda *a, _o=orig, _n=op: calls.append(_n) or _o(*a))
+    node, edge = make(B=(2,), T=5, C=3, mode="shared", seed=3)
+    n, e = node.clone().requires_grad_(), edge.clone().requires_grad_()
+    with torch.no_grad():
+        s.log_partition((n, e))
+    s.log_partition((node, edge))
+    assert calls == ["log_partition", "log_partition"]
+    calls.clear()
+    s.log_partition((n, e)).sum().backward()
+    assert calls == ["log_partition_and_marginals"]
+    mu_n, mu_e = s.marginals((node, edge))
+    torch.testing.assert_close(n.grad, mu_n)
+    torch.testing.assert_close(e.grad, mu_e.sum(0))
+
+
 @pytest.mark.parametrize("mode", ["full", "positional", "shared"])
 @pytest.mark.parametrize("scale", [1.0, 40.0])
 def test_backward_twice_with_retain_graph(mode, scale):
